@@ -1,0 +1,1 @@
+"""The long-running process: config, watching, scheduling, the work queue, state and CLI."""

@@ -1,0 +1,127 @@
+"""The ``watchtrain`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from daemon import logs
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="watchtrain", description=(
+        "Watch labeled photo folders, fine-tune MobileNetV2 with MLX, publish Core ML models."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (watch, schedule, train, publish)")
+    run.add_argument("--config", type=Path, required=True, help="TOML config file")
+
+    train = sub.add_parser("train", help="train once and publish")
+    train.add_argument("dataset", type=Path, help="folder with one sub-folder of photos per label")
+    train.add_argument("--output", type=Path, required=True, help="folder to publish <NAME>.mlpackage into")
+    train.add_argument("--name", required=True, help="model name (file name of the .mlpackage)")
+    train.add_argument("--validation", type=Path, help="separate validation folder (same layout)")
+    train.add_argument("--weights", type=Path, help="MobileNetV2 .safetensors (torchvision or timm layout)")
+    train.add_argument("--state-dir", type=Path, help="embedding cache and run metrics (default: per user)")
+    train.add_argument("--precision", choices=("float16", "float32"), default="float16")
+    train.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
+
+    predict = sub.add_parser("predict", help="classify photos with a published model")
+    predict.add_argument("model", help="path/Name.mlpackage, or a model name with --output")
+    predict.add_argument("images", type=Path, nargs="+")
+    predict.add_argument("--output", type=Path, help="folder holding the published model (with a name)")
+    predict.add_argument("--top", type=int, default=3)
+    predict.add_argument("--json", action="store_true")
+
+    service = sub.add_parser("service", help="manage the launchd LaunchAgent (macOS)")
+    service.add_argument("action", choices=("install", "uninstall", "status"))
+    service.add_argument("--config", type=Path, help="config file the agent runs with (install)")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from daemon.app import Daemon
+    from daemon.config import load
+
+    cfg = load(args.config)
+    logs.configure(cfg.log_level)
+    return Daemon(cfg).run_forever()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from daemon.config import default_state_dir
+    from service import export, pipeline
+
+    logs.configure("info", json=not sys.stderr.isatty())
+    job = pipeline.Job(
+        name=args.name, dataset=args.dataset.resolve(), output=args.output.resolve(),
+        state_dir=(args.state_dir or default_state_dir()).resolve(),
+        validation=args.validation.resolve() if args.validation else None,
+        weights=args.weights, export=export.ExportOptions(precision=args.precision),
+    )
+    result = pipeline.run(job, reason="manual", log=logs.get())
+    if args.json:
+        print(json.dumps(result.metrics, indent=2))
+        return 0
+    m = result.manifest
+    phases = result.metrics["phases_seconds"]
+    print(f"published {job.output / (job.name + '.mlpackage')} version {m['version']}")
+    print(f"labels: {', '.join(m['labels'])}")
+    print(f"train: {m['n_train']} photos, accuracy {m['metrics']['train_accuracy']}")
+    print(f"validation: {m['n_val']} photos, accuracy {m['metrics']['val_accuracy']}")
+    print(f"embedded {result.metrics['counts']['embedded']} photos, {result.metrics['counts']['cached']} cached, "
+          f"{len(result.skipped)} skipped; {phases['total']:.1f} s "
+          f"(embed {phases.get('embed', 0):.1f} s, train {phases['train']:.1f} s, export {phases['export']:.1f} s)")
+    print(f"metrics: {result.metrics_path}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from service import predict
+
+    loaded = predict.load_published(predict.locate(args.model, args.output))
+    probs = predict.probabilities(loaded, args.images)
+    tops = predict.top_k(loaded, probs, args.top)
+    if args.json:
+        print(json.dumps({str(p): dict(t) for p, t in zip(args.images, tops)}, indent=2))
+        return 0
+    for path, top in zip(args.images, tops):
+        print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
+    return 0
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    from daemon import launchagent
+
+    if args.action == "install":
+        if args.config is None:
+            print("watchtrain service install: --config FILE is required", file=sys.stderr)
+            return EXIT_USAGE
+        from daemon.config import load
+
+        load(args.config)  # refuse to install an agent that would crash-loop on a bad config
+        print(launchagent.install(args.config))
+    elif args.action == "uninstall":
+        print(launchagent.uninstall())
+    else:
+        print(launchagent.status())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from daemon.config import ConfigError
+    from service.dataset import DatasetError
+    from service.images import ImageError
+    from service.weights import WeightsError
+
+    handlers = {"run": _cmd_run, "train": _cmd_train, "predict": _cmd_predict, "service": _cmd_service}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DatasetError, WeightsError, ImageError, FileNotFoundError) as exc:
+        print(f"watchtrain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else 1

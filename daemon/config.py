@@ -1,0 +1,175 @@
+"""The TOML config file: a ``[daemon]`` table and one ``[[project]]`` table per dataset.
+
+Relative paths are resolved against the config file's folder. Every mistake is a
+:class:`ConfigError` that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from apscheduler.triggers.cron import CronTrigger
+
+from service import export
+from service.pipeline import Job
+from service.training import HeadSettings
+from service.weights import DEFAULT_WEIGHTS_URL
+
+DEFAULT_SCHEDULE = "0 2 * * *"  # nightly at 02:00 local time
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    def __init__(self, file: Path, key: str, message: str):
+        super().__init__(f"{file}: {key}: {message}")
+        self.file, self.key = file, key
+
+
+@dataclass(frozen=True)
+class Project:
+    job: Job
+    schedule: str = DEFAULT_SCHEDULE
+    debounce_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path
+    log_level: str
+    projects: tuple[Project, ...]
+
+
+def default_state_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "watchtrain"
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "watchtrain"
+
+
+DAEMON_KEYS = {"state_dir", "weights", "weights_url", "log_level"}
+PROJECT_KEYS = {
+    "name", "dataset", "validation", "output", "schedule", "debounce_seconds", "validation_fraction",
+    "keep_versions", "precision", "minimum_deployment_target", "weights", "head",
+}
+HEAD_KEYS = {f.name for f in fields(HeadSettings)}
+
+
+def _unknown(file: Path, table: str, data: dict, allowed: set[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ConfigError(file, f"{table}{key}", f"unknown key (known keys: {known})")
+
+
+def _path(file: Path, key: str, value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(file, key, "must be a non-empty path string")
+    path = Path(os.path.expandvars(value)).expanduser()
+    return (file.parent / path).resolve() if not path.is_absolute() else path
+
+
+def _typed(file: Path, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(file, key, f"must be a {getattr(kind, '__name__', 'number')}, not {value!r}")
+    return value
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child.resolve() == parent.resolve() or parent.resolve() in child.resolve().parents
+
+
+def load(file: Path) -> Config:
+    file = Path(file).expanduser().resolve()
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(file, "-", "config file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "-", f"not valid TOML ({exc})") from None
+    _unknown(file, "", data, {"daemon", "project"})
+    daemon = data.get("daemon", {})
+    _unknown(file, "daemon.", daemon, DAEMON_KEYS)
+    state_dir = _path(file, "daemon.state_dir", daemon["state_dir"]) if "state_dir" in daemon else default_state_dir()
+    weights = _path(file, "daemon.weights", daemon["weights"]) if "weights" in daemon else None
+    weights_url = daemon.get("weights_url", DEFAULT_WEIGHTS_URL)
+    log_level = daemon.get("log_level", "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(file, "daemon.log_level", "must be debug, info, warning or error")
+    entries = data.get("project", [])
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(file, "project", "at least one [[project]] table is required")
+    projects = tuple(_project(file, i, e, state_dir, weights, weights_url) for i, e in enumerate(entries))
+    _check_overlaps(file, projects)
+    return Config(file, state_dir, log_level, projects)
+
+
+def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | None,
+             weights_url: str) -> Project:
+    where = f"project[{i}]."
+    _unknown(file, where, entry, PROJECT_KEYS)
+    for key in ("name", "dataset", "output"):
+        if key not in entry:
+            raise ConfigError(file, where + key, "is required")
+    name = entry["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ConfigError(file, where + "name", "must be letters, digits, '_', '-' or '.' (it names the .mlpackage)")
+    dataset = _path(file, where + "dataset", entry["dataset"])
+    if not dataset.is_dir():
+        raise ConfigError(file, where + "dataset", f"folder {dataset} does not exist")
+    validation = _path(file, where + "validation", entry["validation"]) if "validation" in entry else None
+    if validation is not None and not validation.is_dir():
+        raise ConfigError(file, where + "validation", f"folder {validation} does not exist")
+    output = _path(file, where + "output", entry["output"])
+    for key, folder in (("dataset", dataset), ("validation", validation)):
+        if folder is not None and _inside(output, folder):
+            raise ConfigError(file, where + "output", f"{output} is inside the {key} folder {folder}; "
+                              "watchtrain would train on its own output")
+    schedule = entry.get("schedule", DEFAULT_SCHEDULE)
+    try:
+        CronTrigger.from_crontab(schedule)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(file, where + "schedule", f"invalid cron expression {schedule!r} ({exc})") from None
+    head_table = entry.get("head", {})
+    _unknown(file, where + "head.", head_table, HEAD_KEYS)
+    head = HeadSettings(**{k: _typed(file, where + "head." + k, v, type(getattr(HeadSettings(), k)))
+                           for k, v in head_table.items()})
+    precision = entry.get("precision", "float16")
+    if precision not in export.PRECISIONS:
+        raise ConfigError(file, where + "precision", f"must be one of {sorted(export.PRECISIONS)}")
+    target = entry.get("minimum_deployment_target", "iOS15")
+    if target not in export.TARGETS:
+        raise ConfigError(file, where + "minimum_deployment_target", f"must be one of {sorted(export.TARGETS)}")
+    fraction = _typed(file, where + "validation_fraction", entry.get("validation_fraction", 0.1), (int, float))
+    if not 0 <= fraction < 1:
+        raise ConfigError(file, where + "validation_fraction", "must be in [0, 1)")
+    job = Job(
+        name=name, dataset=dataset, output=output, state_dir=state_dir, validation=validation,
+        weights=_path(file, where + "weights", entry["weights"]) if "weights" in entry else weights,
+        weights_url=weights_url, validation_fraction=float(fraction),
+        keep_versions=_typed(file, where + "keep_versions", entry.get("keep_versions", 5), int),
+        head=head, export=export.ExportOptions(precision=precision, minimum_target=target),
+    )
+    debounce = _typed(file, where + "debounce_seconds", entry.get("debounce_seconds", 10.0), (int, float))
+    return Project(job=job, schedule=schedule, debounce_seconds=float(debounce))
+
+
+def _check_overlaps(file: Path, projects: tuple[Project, ...]) -> None:
+    seen_names: dict[str, int] = {}
+    seen_outputs: dict[Path, int] = {}
+    for i, p in enumerate(projects):
+        if p.job.name in seen_names:
+            raise ConfigError(file, f"project[{i}].name", f"{p.job.name!r} is also project[{seen_names[p.job.name]}]'s name")
+        seen_names[p.job.name] = i
+        key = p.job.output.resolve()
+        if key in seen_outputs:
+            raise ConfigError(file, f"project[{i}].output", f"shared with project[{seen_outputs[key]}]")
+        seen_outputs[key] = i
+        for j, other in enumerate(projects[:i]):
+            if _inside(p.job.output, other.job.dataset) or _inside(other.job.output, p.job.dataset):
+                raise ConfigError(file, f"project[{i}].output", f"overlaps project[{j}]'s dataset")

@@ -1,0 +1,1 @@
+"""The LaunchAgent template, shipped as package data (see daemon/launchagent.py)."""

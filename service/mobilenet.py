@@ -1,0 +1,174 @@
+"""MobileNetV2 in MLX, inference-mode batch norm folded into the convolutions.
+
+Layout follows torchvision: ``features[0]`` is the stem, ``features[1..17]`` the
+inverted residual blocks, ``features[18]`` the final 1x1 convolution, then global
+average pooling and a linear classifier. Tensors are NHWC.
+
+The convolutions are written as matmuls and shifted multiply-adds rather than
+``mx.conv2d``: on MLX's CPU backend a grouped (depthwise) conv2d is ~3.5x slower
+than the same arithmetic as nine strided slices, and 1x1 convolutions are plain
+GEMMs. The formulation is exact, differentiable, and fine on Metal too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import service  # noqa: F401  (preloads BLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+
+# (expansion t, output channels c, repeats n, first stride s), as in the paper.
+INVERTED_RESIDUAL_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+FEATURE_DIM = 1280
+INPUT_SIZE = 224
+
+NORMALIZATIONS = {
+    # pixels in [0, 255] -> (x - mean) / std
+    "inception": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
+    "imagenet": ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
+}
+PADDINGS = ("tf_same", "symmetric")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a set of weights must be run (from the safetensors metadata)."""
+
+    padding: str = "symmetric"
+    normalization: str = "imagenet"
+    num_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.padding not in PADDINGS:
+            raise ValueError(f"unknown padding {self.padding!r}; expected one of {PADDINGS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown normalization {self.normalization!r}; expected one of {tuple(NORMALIZATIONS)}"
+            )
+
+
+def pads_for(stride: int, padding: str) -> tuple[int, int]:
+    """(before, after) padding of a 3x3 convolution, per spatial axis."""
+    if stride == 2 and padding == "tf_same":
+        return (0, 1)  # TensorFlow SAME on even sizes pads bottom/right only
+    return (1, 1)
+
+
+def _shifted(x: mx.array, stride: int, pads: tuple[int, int]) -> list[mx.array]:
+    """The nine strided 3x3 windows of NHWC ``x``, in (kh, kw) order."""
+    x = mx.pad(x, [(0, 0), pads, pads, (0, 0)])
+    h_out = (x.shape[1] - 3) // stride + 1
+    w_out = (x.shape[2] - 3) // stride + 1
+    return [
+        x[:, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride, :]
+        for i in range(3)
+        for j in range(3)
+    ]
+
+
+class Conv3x3(nn.Module):
+    """Dense 3x3 convolution (the stem) as im2col + matmul. weight: [out, 3, 3, in]."""
+
+    def __init__(self, cin: int, cout: int, stride: int, padding: str):
+        super().__init__()
+        self.weight = mx.zeros((cout, 3, 3, cin))
+        self.bias = mx.zeros((cout,))
+        self.stride = stride
+        self.pads = pads_for(stride, padding)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        cols = mx.concatenate(_shifted(x, self.stride, self.pads), axis=-1)
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        return nn.relu6(cols @ w.T + self.bias)
+
+
+class Depthwise3x3(nn.Module):
+    """Depthwise 3x3 convolution as nine shifted multiply-adds. weight: [C, 3, 3, 1]."""
+
+    def __init__(self, channels: int, stride: int, padding: str):
+        super().__init__()
+        self.weight = mx.zeros((channels, 3, 3, 1))
+        self.bias = mx.zeros((channels,))
+        self.stride = stride
+        self.pads = pads_for(stride, padding)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        taps = self.weight.reshape(self.weight.shape[0], 9).T  # [9, C]
+        windows = _shifted(x, self.stride, self.pads)
+        y = windows[0] * taps[0]
+        for k in range(1, 9):
+            y = y + windows[k] * taps[k]
+        return nn.relu6(y + self.bias)
+
+
+class Pointwise(nn.Module):
+    """1x1 convolution as a matmul over the channel axis. weight: [out, in]."""
+
+    def __init__(self, cin: int, cout: int, relu6: bool):
+        super().__init__()
+        self.weight = mx.zeros((cout, cin))
+        self.bias = mx.zeros((cout,))
+        self.relu6 = relu6
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.weight.T + self.bias
+        return nn.relu6(y) if self.relu6 else y
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, padding: str):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = Pointwise(cin, hidden, relu6=True) if expand != 1 else None
+        self.depthwise = Depthwise3x3(hidden, stride, padding)
+        self.project = Pointwise(hidden, cout, relu6=False)
+        self.residual = stride == 1 and cin == cout
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.expand(x) if self.expand is not None else x
+        y = self.project(self.depthwise(y))
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0). Input: NHWC float pixels in [0, 255]."""
+
+    def __init__(self, spec: ModelSpec = ModelSpec()):
+        super().__init__()
+        self.spec = spec
+        mean, std = NORMALIZATIONS[spec.normalization]
+        # Leading underscore: constants, not parameters.
+        self._mean = mx.array(mean)
+        self._inv_std = 1.0 / mx.array(std)
+        cin = 32
+        self.features = [Conv3x3(3, cin, 2, spec.padding)]
+        for t, c, n, s in INVERTED_RESIDUAL_SETTING:
+            for i in range(n):
+                self.features.append(InvertedResidual(cin, c, s if i == 0 else 1, t, spec.padding))
+                cin = c
+        self.features.append(Pointwise(cin, FEATURE_DIM, relu6=True))
+        self.classifier = nn.Linear(FEATURE_DIM, spec.num_classes)
+
+    def backbone(self, x: mx.array, start: int = 0, stop: int | None = None) -> mx.array:
+        """Run ``features[start:stop]``; normalization is applied when start == 0."""
+        if start == 0:
+            x = (x - self._mean) * self._inv_std
+        for layer in self.features[start:stop]:
+            x = layer(x)
+        return x
+
+    def embed(self, x: mx.array) -> mx.array:
+        """Globally pooled 1280-d features."""
+        return mx.mean(self.backbone(x), axis=(1, 2))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.classifier(self.embed(x))
