@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", type=Path, help="MobileNetV2 .safetensors (torchvision or timm layout)")
     train.add_argument("--state-dir", type=Path, help="embedding cache and run metrics (default: per user)")
     train.add_argument("--precision", choices=("float16", "float32"), default="float16")
+    train.add_argument("--weight-bits", type=int, choices=(16, 8), default=16, help="8: int8 weights (iOS16+)")
+    train.add_argument("--min-target", choices=("iOS15", "iOS16", "iOS17", "iOS18"),
+                       help="minimum deployment target (default iOS15, iOS16 with 8-bit weights)")
+    train.add_argument("--verify-photos", type=int, default=16, help="photos the package is verified on")
     train.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
 
     predict = sub.add_parser("predict", help="classify photos with a published model")
@@ -36,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", type=Path, help="folder holding the published model (with a name)")
     predict.add_argument("--top", type=int, default=3)
     predict.add_argument("--json", action="store_true")
+
+    check = sub.add_parser("verify", help="run a saved .mlpackage with NumPy (and Core ML on macOS) against MLX")
+    check.add_argument("package", type=Path)
+    check.add_argument("--images", type=Path, required=True, help="folder of photos (searched recursively)")
+    check.add_argument("--weights", type=Path,
+                       help="MLX reference weights (default: the published version's, from the package metadata)")
+    check.add_argument("--limit", type=int, help="use at most this many photos")
+    check.add_argument("--json", action="store_true")
 
     service = sub.add_parser("service", help="manage the launchd LaunchAgent (macOS)")
     service.add_argument("action", choices=("install", "uninstall", "status"))
@@ -61,13 +73,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         name=args.name, dataset=args.dataset.resolve(), output=args.output.resolve(),
         state_dir=(args.state_dir or default_state_dir()).resolve(),
         validation=args.validation.resolve() if args.validation else None,
-        weights=args.weights, export=export.ExportOptions(precision=args.precision),
+        weights=args.weights, verify_photos=args.verify_photos,
+        export=export.ExportOptions(precision=args.precision, weight_bits=args.weight_bits,
+                                    minimum_target=args.min_target or ("iOS16" if args.weight_bits == 8 else "iOS15")),
     )
     result = pipeline.run(job, reason="manual", log=logs.get())
     if args.json:
         print(json.dumps(result.metrics, indent=2))
         return 0
     m = result.manifest
+    if result.status == "rejected":
+        print(f"not published: {result.metrics['quality_gate']}; version {m['version']} stays", file=sys.stderr)
+        return 3
     phases = result.metrics["phases_seconds"]
     print(f"published {job.output / (job.name + '.mlpackage')} version {m['version']}")
     print(f"labels: {', '.join(m['labels'])}")
@@ -94,6 +111,39 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from service import verify, weights
+    from service.dataset import is_candidate
+    from service.images import load_rgb
+    from service.predict import probabilities_of_pixels
+    from service.publish import Publisher
+
+    package = args.package.resolve()
+    reference = args.weights
+    if reference is None:
+        version = verify.package_version(package)
+        if version is None:
+            raise FileNotFoundError(f"{package} has no watchtrain version in its metadata; pass --weights")
+        reference = Publisher(package.parent, package.stem).mlx_weights(version)
+    model, _ = weights.load(reference)
+    photos = sorted(p for p in args.images.rglob("*") if p.is_file() and is_candidate(p.name))[: args.limit]
+    if not photos:
+        raise FileNotFoundError(f"no photos under {args.images}")
+    pixels = [load_rgb(p) for p in photos]
+    program = verify.load_program(package)
+    report = verify.verify(package, probabilities_of_pixels(model, pixels), pixels,
+                           [str(p.relative_to(args.images)) for p in photos], program.labels)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(f"{'OK' if report.ok else 'FAILED'}: {package} ({report.precision}) on {report.n} photos: "
+              f"top-1 agreement {report.top1_agreement:.4f}, max |dp| {report.max_abs_diff:.2e} "
+              f"(tolerance {report.tolerance:.0e}); Core ML run: {'yes' if report.coreml_checked else 'no (not macOS)'}")
+        for name in report.mismatches:
+            print(f"  top-1 differs: {name}")
+    return 0 if report.ok else 1
+
+
 def _cmd_service(args: argparse.Namespace) -> int:
     from daemon import launchagent
 
@@ -117,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     from daemon.config import ConfigError
     from service.dataset import DatasetError
     from service.images import ImageError
+    from service.verify import VerificationError
     from service.weights import WeightsError
 
-    handlers = {"run": _cmd_run, "train": _cmd_train, "predict": _cmd_predict, "service": _cmd_service}
+    handlers = {"run": _cmd_run, "train": _cmd_train, "predict": _cmd_predict, "verify": _cmd_verify,
+                "service": _cmd_service}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DatasetError, WeightsError, ImageError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, WeightsError, ImageError, VerificationError, FileNotFoundError) as exc:
         print(f"watchtrain {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else 1

@@ -55,7 +55,8 @@ def default_state_dir() -> Path:
 DAEMON_KEYS = {"state_dir", "weights", "weights_url", "log_level"}
 PROJECT_KEYS = {
     "name", "dataset", "validation", "output", "schedule", "debounce_seconds", "validation_fraction",
-    "keep_versions", "precision", "minimum_deployment_target", "weights", "head",
+    "keep_versions", "precision", "weight_bits", "minimum_deployment_target", "weights", "head",
+    "quality_tolerance", "verify_photos", "author", "license", "description",
 }
 HEAD_KEYS = {f.name for f in fields(HeadSettings)}
 
@@ -142,9 +143,16 @@ def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | N
     precision = entry.get("precision", "float16")
     if precision not in export.PRECISIONS:
         raise ConfigError(file, where + "precision", f"must be one of {sorted(export.PRECISIONS)}")
-    target = entry.get("minimum_deployment_target", "iOS15")
+    bits = _typed(file, where + "weight_bits", entry.get("weight_bits", 16), int)
+    if bits not in (8, 16):
+        raise ConfigError(file, where + "weight_bits", "must be 16 (float weights) or 8 (int8 weights)")
+    # 8-bit weights need the iOS16 opset; that becomes the default target for them.
+    target = entry.get("minimum_deployment_target", "iOS16" if bits == 8 else "iOS15")
     if target not in export.TARGETS:
         raise ConfigError(file, where + "minimum_deployment_target", f"must be one of {sorted(export.TARGETS)}")
+    if bits == 8 and target == "iOS15":
+        raise ConfigError(file, where + "minimum_deployment_target", "8-bit weights need iOS16 or later")
+    texts = {k: _typed(file, where + k, entry[k], str) for k in ("author", "license", "description") if k in entry}
     fraction = _typed(file, where + "validation_fraction", entry.get("validation_fraction", 0.1), (int, float))
     if not 0 <= fraction < 1:
         raise ConfigError(file, where + "validation_fraction", "must be in [0, 1)")
@@ -153,7 +161,10 @@ def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | N
         weights=_path(file, where + "weights", entry["weights"]) if "weights" in entry else weights,
         weights_url=weights_url, validation_fraction=float(fraction),
         keep_versions=_typed(file, where + "keep_versions", entry.get("keep_versions", 5), int),
-        head=head, export=export.ExportOptions(precision=precision, minimum_target=target),
+        quality_tolerance=float(_typed(file, where + "quality_tolerance", entry.get("quality_tolerance", 0.01),
+                                       (int, float))),
+        verify_photos=_typed(file, where + "verify_photos", entry.get("verify_photos", 16), int),
+        head=head, export=export.ExportOptions(precision=precision, weight_bits=bits, minimum_target=target, **texts),
     )
     debounce = _typed(file, where + "debounce_seconds", entry.get("debounce_seconds", 10.0), (int, float))
     return Project(job=job, schedule=schedule, debounce_seconds=float(debounce))

@@ -42,6 +42,7 @@ PRECISIONS = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}
 @dataclass(frozen=True)
 class ExportOptions:
     precision: str = "float16"
+    weight_bits: int = 16  # 8: int8 linear weight quantization (needs iOS16+)
     minimum_target: str = "iOS15"  # iOS 15 / macOS 12
     author: str = "watchtrain"
     license: str = ""
@@ -113,6 +114,8 @@ def export(model: MobileNetV2, labels: list[str], dest: Path, options: ExportOpt
     """Convert and save ``dest`` (an ``.mlpackage`` path). Returns ``dest``."""
     if len(labels) != model.spec.num_classes:
         raise ValueError(f"{len(labels)} labels for a {model.spec.num_classes}-class head")
+    if options.weight_bits == 8 and options.minimum_target == "iOS15":
+        raise ValueError("8-bit weights need minimum_deployment_target iOS16 or later")
     scale, bias, _ = preprocessing(model.spec.normalization)
     image = ct.ImageType(name="image", shape=(1, 3, INPUT_SIZE, INPUT_SIZE), scale=scale, bias=bias,
                          color_layout=ct.colorlayout.RGB)
@@ -129,12 +132,24 @@ def export(model: MobileNetV2, labels: list[str], dest: Path, options: ExportOpt
             minimum_deployment_target=TARGETS[options.minimum_target],
             skip_model_load=True,
         )
+        if options.weight_bits == 8:
+            mlmodel = quantize_8bit(mlmodel)
         spec = mlmodel.get_spec()
         ct.utils.rename_feature(spec, f"{LABEL_OUTPUT}_probs", PROBS_OUTPUT)
         _describe(spec, options)
         final = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
         final.save(str(dest))
     return dest
+
+
+def quantize_8bit(mlmodel):
+    """int8 weights with a per-output-channel scale (coremltools' linear quantization, iOS16+)."""
+    import coremltools.optimize as cto
+
+    config = cto.coreml.OptimizationConfig(global_config=cto.coreml.OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_channel"))
+    with np.errstate(all="ignore"):  # all-zero channels give scale 0; their weights stay 0
+        return cto.coreml.linear_quantize_weights(mlmodel, config=config)
 
 
 def _describe(spec, options: ExportOptions) -> None:

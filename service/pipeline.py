@@ -1,13 +1,15 @@
-"""One training run: files -> dataset -> embeddings -> head -> export -> publish.
+"""One training run: files -> dataset -> embeddings -> head -> export -> verify -> gate -> publish.
 
-The daemon and the one-shot CLI both call :func:`run`. A run that fails at any
-step leaves the published model untouched.
+The daemon and the one-shot CLI both call :func:`run`. A run that fails, is
+stopped, or is refused by the quality gate leaves the published model untouched;
+every run that gets as far as training writes a metrics JSON file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -21,9 +23,11 @@ import service
 import mlx.core as mx
 
 from service import dataset as ds
-from service import evaluation, export, weights
+from service import evaluation, export, verify, weights
 from service.embeddings import EmbeddingCache, embed
 from service.export import ExportOptions
+from service.images import load_rgb
+from service.predict import probabilities_of_pixels
 from service.publish import MLX_WEIGHTS, Publisher, write_json_atomic
 from service.training import HeadSettings, train_head
 from service.weights import DEFAULT_WEIGHTS_URL
@@ -42,16 +46,18 @@ class Job:
     weights_url: str | None = DEFAULT_WEIGHTS_URL
     validation_fraction: float = 0.1
     keep_versions: int = 5
+    quality_tolerance: float = 0.01  # may lose at most 1 point of validation accuracy
+    verify_photos: int = 16  # photos the exported package is checked on before publishing
     head: HeadSettings = HeadSettings()
     export: ExportOptions = ExportOptions()
 
 
 @dataclass
 class RunResult:
-    status: str  # "published" | "unchanged"
+    status: str  # "published" | "unchanged" | "rejected"
     manifest: dict[str, Any] | None
     metrics: dict[str, Any]
-    metrics_path: Path
+    metrics_path: Path | None
     embedded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -73,7 +79,8 @@ def fingerprint(train: list[ds.Photo], val: list[ds.Photo], hashes: dict[str, st
     return digest.hexdigest()
 
 
-def _matrix(vectors: dict[str, np.ndarray], photos: list[ds.Photo], labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def matrix(vectors: dict[str, np.ndarray], photos: list[ds.Photo], labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked embeddings and label indices of ``photos`` whose label is in ``labels``."""
     index = {label: i for i, label in enumerate(labels)}
     kept = [p for p in photos if str(p.path) in vectors and p.label in index]
     x = np.stack([vectors[str(p.path)] for p in kept]) if kept else np.zeros((0, 1280), np.float32)
@@ -111,38 +118,36 @@ def run(
     log.info("run_started", reason=reason, n_train_files=len(train), n_val_files=len(val),
              weights=str(w.path), weights_layout=w.layout, blas=service.blas.loaded)
 
+    mark = time.perf_counter()
     cache = EmbeddingCache(job.state_dir / "embeddings.sqlite")
     try:
-        mark = time.perf_counter()
         vectors, hashes, report = embed(
             model, w.sha256, train + val, cache, should_stop=should_stop,
             on_skip=lambda photo, why: log.warning("photo_skipped", file=str(photo.path), reason=why),
         )
-        phases["embed"] = time.perf_counter() - mark
     finally:
         cache.close()
-    if report.embedded:
-        log.info("embedded", count=len(report.embedded), cached=report.cached,
-                 files=report.embedded[:50], seconds=round(report.seconds, 3))
+    phases["embed"] = time.perf_counter() - mark
+    log.info("embedded", count=len(report.embedded), cached=report.cached, skipped=len(report.skipped),
+             files=report.embedded[:50], seconds=round(report.seconds, 3))
 
     train = [p for p in train if str(p.path) in vectors]
     val = [p for p in val if str(p.path) in vectors]
     labels = list(ds.labels_of(train))
     ds.check_labels(tuple(labels), job.dataset)
-    dropped = sorted({p.label for p in val} - set(labels))
-    if dropped:
+    if dropped := sorted({p.label for p in val} - set(labels)):
         log.warning("validation_labels_without_training_photos", labels=dropped)
-    print_fp = fingerprint(train, val, hashes)
+    data_fp = fingerprint(train, val, hashes)
     previous = publisher.current()
-    if not force and previous and previous.get("dataset_fingerprint") == print_fp \
+    if not force and previous and previous.get("dataset_fingerprint") == data_fp \
             and previous.get("weights_sha256") == w.sha256:
         log.info("run_skipped_unchanged", version=previous["version"])
-        return RunResult("unchanged", previous, {}, Path(), report.embedded, report.skipped)
+        return RunResult("unchanged", previous, {}, None, report.embedded, report.skipped)
 
-    x_train, y_train = _matrix(vectors, train, labels)
-    x_val, y_val = _matrix(vectors, val, labels)
-
-    init = _warm_start(publisher, previous, labels, w.sha256)
+    x_train, y_train = matrix(vectors, train, labels)
+    x_val, y_val = matrix(vectors, val, labels)
+    baseline = _published_head(publisher, previous, w.sha256)
+    init = baseline if baseline is not None and previous.get("labels") == labels else None
     mark = time.perf_counter()
     head = train_head(x_train, y_train, x_val, y_val, len(labels), job.head, init=init, should_stop=should_stop)
     phases["train"] = time.perf_counter() - mark
@@ -152,8 +157,8 @@ def run(
              train_accuracy=train_metrics["accuracy"], val_accuracy=val_metrics["accuracy"],
              warm_start=init is not None, seconds=round(phases["train"], 3))
 
-    version = publisher.next_version()
-    trained_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    gate = quality_gate(previous, baseline, labels, x_val, y_val, val_metrics["accuracy"], job.quality_tolerance)
+    log.info("quality_gate", **gate)
     summary = {
         "train_accuracy": train_metrics["accuracy"],
         "val_accuracy": val_metrics["accuracy"],
@@ -161,67 +166,132 @@ def run(
         "best_epoch": head.best_epoch,
         "stop_reason": head.stop_reason,
     }
+    metrics = {
+        "run_id": run_id,
+        "project": job.name,
+        "reason": reason,
+        "labels": labels,
+        "counts": {"train": int(len(y_train)), "val": int(len(y_val)), "embedded": len(report.embedded),
+                   "cached": report.cached, "skipped": len(report.skipped)},
+        "per_label_counts": {label: int((y_train == i).sum()) for i, label in enumerate(labels)},
+        "train": train_metrics,
+        "validation": val_metrics,
+        "training": {**summary, "warm_start": init is not None, "settings": asdict(job.head),
+                     "history": head.history},
+        "quality_gate": gate,
+        "skipped_files": report.skipped,
+    }
+    if not gate["publish"]:
+        phases["total"] = time.perf_counter() - t0
+        metrics["phases_seconds"] = _rounded(phases)
+        path = _write_metrics(job, run_id, metrics)
+        log.warning("not_published", reason=gate["decision"], metrics_file=str(path))
+        return RunResult("rejected", previous, metrics, path, report.embedded, report.skipped)
+
+    version = publisher.next_version()
     manifest = {
         "name": job.name,
         "version": version,
         "labels": labels,
-        "trained_at": trained_at,
+        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "reason": reason,
         "metrics": summary,
         "n_train": int(len(y_train)),
         "n_val": int(len(y_val)),
         "weights_sha256": w.sha256,
-        "dataset_fingerprint": print_fp,
+        "dataset_fingerprint": data_fp,
         "precision": job.export.precision,
+        "weight_bits": job.export.weight_bits,
         "minimum_deployment_target": job.export.minimum_target,
         "watchtrain_version": service.__version__,
     }
-
-    mark = time.perf_counter()
     final = weights.with_head(model, mx.array(head.weight), mx.array(head.bias))
     staged = publisher.staging()
-    options = _export_options(job.export, manifest)
-    export.export(final, labels, staged / f"{job.name}.mlpackage", options)
-    weights.save_model(final, staged / MLX_WEIGHTS, {"labels": "\n".join(labels), "version": str(version)})
-    phases["export"] = time.perf_counter() - mark
+    try:
+        mark = time.perf_counter()
+        package = export.export(final, labels, staged / f"{job.name}.mlpackage", _export_options(job.export, manifest))
+        weights.save_model(final, staged / MLX_WEIGHTS, {"labels": "\n".join(labels), "version": str(version)})
+        phases["export"] = time.perf_counter() - mark
 
-    mark = time.perf_counter()
-    manifest = publisher.publish(staged, manifest)
-    phases["publish"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        check = verify_package(package, final, labels, val or train, job.verify_photos)
+        phases["verify"] = time.perf_counter() - mark
+        log.info("verified", **{k: v for k, v in check.as_dict().items() if k != "package"})
+        if not check.ok:
+            raise verify.VerificationError(
+                f"{job.name} v{version}: exported package disagrees with MLX (max |dp| {check.max_abs_diff:.2e}, "
+                f"tolerance {check.tolerance:.0e}, top-1 mismatches {check.mismatches})")
+        manifest["verification"] = {k: v for k, v in check.as_dict().items() if k != "package"}
+
+        mark = time.perf_counter()
+        manifest = publisher.publish(staged, manifest)
+        phases["publish"] = time.perf_counter() - mark
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone already when published
     phases["total"] = time.perf_counter() - t0
-
-    metrics = {
-        "run_id": run_id,
-        "project": job.name,
-        "reason": reason,
-        "version": version,
-        "labels": labels,
-        "counts": {"train": int(len(y_train)), "val": int(len(y_val)), "embedded": len(report.embedded),
-                   "cached": report.cached, "skipped": len(report.skipped)},
-        "per_label_counts": {l: int((y_train == i).sum()) for i, l in enumerate(labels)},
-        "train": train_metrics,
-        "validation": val_metrics,
-        "training": {**summary, "warm_start": init is not None, "settings": asdict(job.head),
-                     "history": head.history},
-        "skipped_files": report.skipped,
-        "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
-    }
-    metrics_path = _write_metrics(job, publisher, version, run_id, metrics)
+    metrics.update(version=version, verification=manifest["verification"], phases_seconds=_rounded(phases))
+    path = _write_metrics(job, run_id, metrics, publisher.version_dir(version))
     log.info("published", version=version, package=str(publisher.package), val_accuracy=summary["val_accuracy"],
-             metrics_file=str(metrics_path), phases=metrics["phases_seconds"])
-    return RunResult("published", manifest, metrics, metrics_path, report.embedded, report.skipped)
+             metrics_file=str(path), phases=metrics["phases_seconds"])
+    return RunResult("published", manifest, metrics, path, report.embedded, report.skipped)
 
 
-def _warm_start(publisher: Publisher, previous: dict | None, labels: list[str],
-                weights_sha: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The published head when its labels and backbone match this run's."""
-    if not previous or previous.get("labels") != labels or previous.get("weights_sha256") != weights_sha:
+def _rounded(phases: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in phases.items()}
+
+
+def _published_head(publisher: Publisher, previous: dict | None,
+                    weights_sha: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The published head when it sits on this run's backbone (so embeddings are comparable)."""
+    if not previous or previous.get("weights_sha256") != weights_sha:
         return None
     try:
         tensors = mx.load(str(publisher.mlx_weights(previous["version"])))
     except (OSError, ValueError, RuntimeError):
         return None
     return np.array(tensors["classifier.weight"]), np.array(tensors["classifier.bias"])
+
+
+def quality_gate(previous: dict | None, baseline: tuple[np.ndarray, np.ndarray] | None, labels: list[str],
+                 x_val: np.ndarray, y_val: np.ndarray, new_accuracy: float | None,
+                 tolerance: float) -> dict[str, Any]:
+    """Publish unless the new head is worse than the published one on *this* validation set."""
+    decision: dict[str, Any] = {"tolerance": tolerance, "new_val_accuracy": new_accuracy}
+    if previous is None:
+        return {**decision, "publish": True, "decision": "first_model"}
+    if previous.get("labels") != labels:
+        added = sorted(set(labels) - set(previous.get("labels", [])))
+        removed = sorted(set(previous.get("labels", [])) - set(labels))
+        return {**decision, "publish": True, "decision": "labels_changed", "labels_added": added,
+                "labels_removed": removed}
+    if baseline is None or not len(y_val) or new_accuracy is None:
+        return {**decision, "publish": True, "decision": "no_comparable_baseline"}
+    old = float((_predict(baseline[0], baseline[1], x_val) == y_val).mean())
+    decision["published_val_accuracy"] = round(old, 6)
+    decision["published_version"] = previous.get("version")
+    if new_accuracy + tolerance < old:
+        return {**decision, "publish": False, "decision": "worse_than_published"}
+    return {**decision, "publish": True, "decision": "not_worse"}
+
+
+def verify_package(package: Path, model, labels: list[str], photos: list[ds.Photo],
+                   count: int) -> verify.Report:
+    """Run the saved package (NumPy, and Core ML on macOS) against MLX on ``count`` photos."""
+    chosen = _spread(photos, count)
+    pixels = [load_rgb(p.path) for p in chosen]
+    reference = probabilities_of_pixels(model, pixels)
+    return verify.verify(package, reference, pixels, [p.relpath for p in chosen], labels)
+
+
+def _spread(photos: list[ds.Photo], count: int) -> list[ds.Photo]:
+    """Up to ``count`` photos, round-robin over labels, deterministic."""
+    by_label: dict[str, list[ds.Photo]] = {}
+    for p in sorted(photos, key=lambda p: p.relpath):
+        by_label.setdefault(p.label, []).append(p)
+    chosen: list[ds.Photo] = []
+    for i in range(max((len(v) for v in by_label.values()), default=0)):
+        chosen += [group[i] for group in by_label.values() if i < len(group)]
+    return chosen[:count]
 
 
 def _export_options(base: ExportOptions, manifest: dict[str, Any]) -> ExportOptions:
@@ -234,16 +304,13 @@ def _export_options(base: ExportOptions, manifest: dict[str, Any]) -> ExportOpti
         "weights_sha256": manifest["weights_sha256"],
         "watchtrain_model_version": str(manifest["version"]),
     }
-    return ExportOptions(
-        precision=base.precision, minimum_target=base.minimum_target, author=base.author,
-        license=base.license, description=base.description, version=str(manifest["version"]),
-        metadata={**base.metadata, **meta},
-    )
+    return ExportOptions(**{**asdict(base), "version": str(manifest["version"]), "metadata": {**base.metadata, **meta}})
 
 
-def _write_metrics(job: Job, publisher: Publisher, version: int, run_id: str, metrics: dict) -> Path:
+def _write_metrics(job: Job, run_id: str, metrics: dict, version_dir: Path | None = None) -> Path:
     path = job.state_dir / "runs" / job.name / f"{run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, metrics)
-    write_json_atomic(publisher.version_dir(version) / "metrics.json", metrics)
+    if version_dir is not None:
+        write_json_atomic(version_dir / "metrics.json", metrics)
     return path

@@ -41,10 +41,16 @@ def load_published(publisher: Publisher) -> Loaded:
 
 def probabilities(loaded: Loaded, paths: list[Path]) -> np.ndarray:
     """``[len(paths), n_labels]`` class probabilities."""
-    x = mx.array(np.stack([load_rgb(p) for p in paths]).astype(np.float32))
-    return np.array(mx.softmax(loaded.model(x), axis=-1))
+    return probabilities_of_pixels(loaded.model, [load_rgb(p) for p in paths])
 
 
 def top_k(loaded: Loaded, probs: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
     order = np.argsort(-probs, axis=1)[:, :k]
     return [[(loaded.labels[j], float(row[j])) for j in idx] for row, idx in zip(probs, order)]
+
+
+def probabilities_of_pixels(model: MobileNetV2, pixels: list[np.ndarray], batch: int = 16) -> np.ndarray:
+    """Softmax outputs for ``[224, 224, 3]`` uint8 arrays, in bounded-memory batches."""
+    out = [np.array(mx.softmax(model(mx.array(np.stack(pixels[i : i + batch]).astype(np.float32))), axis=-1))
+           for i in range(0, len(pixels), batch)]
+    return np.concatenate(out) if out else np.zeros((0, model.spec.num_classes), np.float32)

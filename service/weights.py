@@ -91,7 +91,7 @@ def _how_to_provide(cached: Path) -> str:
 def download(url: str, dest: Path, log=None) -> Path:
     """Download to ``dest`` atomically (temp file + rename), with a progress display."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.download{dest.suffix}")  # mx.load goes by suffix
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
