@@ -39,8 +39,10 @@ class Daemon:
         try:
             result = pipeline.run(
                 project.job, reason=reason, log=self.log, should_stop=self.stop_event.is_set,
-                # Event-driven and start-up runs skip when the data did not really change.
+                # Event-driven and start-up runs skip when the data did not really change;
+                # the nightly run retrains the head from scratch (no drift from warm starts).
                 force=reason in ("schedule", "manual"),
+                warm_start=reason != "schedule",
             )
         except Cancelled:
             self.history.finish(run_id, "cancelled")

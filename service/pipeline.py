@@ -98,8 +98,13 @@ def run(
     log: Any,
     should_stop: Callable[[], bool] = lambda: False,
     force: bool = True,
+    warm_start: bool = True,
 ) -> RunResult:
-    """Train and publish ``job``; ``force=False`` skips when the dataset is unchanged."""
+    """Train and publish ``job``.
+
+    ``force=False`` skips when the dataset is unchanged; ``warm_start=False`` trains
+    the head from scratch (nightly runs), the quality gate still guarding the result.
+    """
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     log = log.bind(project=job.name, run_id=run_id)
     phases: dict[str, float] = {}
@@ -147,7 +152,7 @@ def run(
     x_train, y_train = matrix(vectors, train, labels)
     x_val, y_val = matrix(vectors, val, labels)
     baseline = _published_head(publisher, previous, w.sha256)
-    init = baseline if baseline is not None and previous.get("labels") == labels else None
+    init = baseline if warm_start and baseline is not None and previous.get("labels") == labels else None
     mark = time.perf_counter()
     head = train_head(x_train, y_train, x_val, y_val, len(labels), job.head, init=init, should_stop=should_stop)
     phases["train"] = time.perf_counter() - mark

@@ -6,6 +6,7 @@ Layout of ``<output>``::
     <Name>.json                   manifest of the published version
     .watchtrain/versions/<Name>/v000N/   history: package, manifest, MLX weights
     .watchtrain/tmp/              staging (same filesystem, so renames are atomic)
+    .watchtrain/trash/            replaced packages, deleted after a grace period
 
 The new package replaces the old one with an atomic directory exchange
 (``renameat2(RENAME_EXCHANGE)`` on Linux, ``renamex_np(RENAME_SWAP)`` on macOS):
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from service.weights import sha256_file
 
 WORK_DIR = ".watchtrain"
 MLX_WEIGHTS = "model.safetensors"
+RETIRE_GRACE_SECONDS = 300.0
 
 
 def _libc() -> ctypes.CDLL:
@@ -128,7 +131,8 @@ class Publisher:
         return path
 
     def clean_tmp(self) -> int:
-        """Remove staging left by a crash; returns how many entries were removed."""
+        """Remove staging left by a crash (and expired retired packages); returns how many."""
+        self.purge_trash()
         if not self.tmp.exists():
             return 0
         removed = 0
@@ -154,7 +158,7 @@ class Publisher:
         shutil.copytree(version_dir / package.name, incoming)
         fsync_tree(incoming)
         self._replace_package(incoming)
-        shutil.rmtree(incoming.parent, ignore_errors=True)
+        self._retire(incoming.parent)
         write_json_atomic(self.manifest_path, manifest)
         self.prune()
         return manifest
@@ -167,7 +171,28 @@ class Publisher:
             aside = incoming.with_name(incoming.name + ".old")
             os.rename(self.package, aside)
             os.rename(incoming, self.package)
-        # After the exchange ``incoming`` holds the previous package; the caller removes it.
+        # After the exchange ``incoming`` holds the previous package.
+
+    @property
+    def trash(self) -> Path:
+        return self.output / WORK_DIR / "trash"
+
+    def _retire(self, old: Path) -> None:
+        """Keep a replaced package readable for ``RETIRE_GRACE_SECONDS``: a reader that opened it
+        before the exchange (an Xcode build copying it) finishes reading the old version."""
+        self.trash.mkdir(parents=True, exist_ok=True)
+        os.rename(old, self.trash / f"{time.time_ns()}-{self.name}-{uuid.uuid4().hex[:8]}")
+        self.purge_trash()
+
+    def purge_trash(self, grace: float | None = None) -> None:
+        grace = RETIRE_GRACE_SECONDS if grace is None else grace
+        if not self.trash.exists():
+            return
+        cutoff = time.time_ns() - int(grace * 1e9)
+        for entry in self.trash.iterdir():
+            stamp = entry.name.split("-", 1)[0]
+            if stamp.isdigit() and int(stamp) < cutoff and f"-{self.name}-" in entry.name:
+                shutil.rmtree(entry, ignore_errors=True)
 
     def prune(self) -> None:
         """Keep the newest ``keep_versions`` history entries (and always the published one)."""

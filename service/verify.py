@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 with warnings.catch_warnings():
@@ -126,9 +125,10 @@ def _value(program: Program, value) -> Any:
 
 
 def _conv(x, weight, bias, strides, pad_type, pad, dilations, groups) -> np.ndarray:
+    """NCHW convolution for the three kinds watchtrain emits: dense, depthwise and 1x1."""
     if any(d != 1 for d in np.atleast_1d(dilations)):
         raise VerificationError("conv with dilation is not emitted by watchtrain")
-    weight = weight.astype(np.float32)
+    weight = np.asarray(weight, np.float32)
     c_out, c_in_g, kh, kw = weight.shape
     if pad_type == "custom":
         top, bottom, left, right = (int(p) for p in pad)
@@ -136,13 +136,23 @@ def _conv(x, weight, bias, strides, pad_type, pad, dilations, groups) -> np.ndar
         top = bottom = left = right = 0
     else:
         raise VerificationError(f"conv pad_type {pad_type!r} is not emitted by watchtrain")
-    x = np.pad(x.astype(np.float32), [(0, 0), (0, 0), (top, bottom), (left, right)])
+    x = np.asarray(x, np.float32)
+    if top or bottom or left or right:
+        x = np.pad(x, [(0, 0), (0, 0), (top, bottom), (left, right)])
     sh, sw = (int(s) for s in strides)
-    windows = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # N, C, Ho, Wo, kh, kw
-    if groups == 1:
-        y = np.einsum("nchwij,ocij->nohw", windows, weight, optimize=True)
-    elif c_in_g == 1 and groups == x.shape[1] == c_out:  # depthwise
-        y = np.einsum("nchwij,cij->nchw", windows, weight[:, 0], optimize=True)
+    n, c_in, h, w = x.shape
+    h_out, w_out = (h - kh) // sh + 1, (w - kw) // sw + 1
+    taps = [x[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
+            for i in range(kh) for j in range(kw)]
+    if groups == 1 and kh == kw == 1:
+        y = np.einsum("nchw,oc->nohw", taps[0], weight[:, :, 0, 0], optimize=True)
+    elif groups == 1:
+        # im2col: [N*Ho*Wo, C_in*kh*kw] @ [C_in*kh*kw, C_out]
+        cols = np.stack(taps, axis=-1).transpose(0, 2, 3, 1, 4).reshape(n * h_out * w_out, c_in * kh * kw)
+        y = (cols @ weight.reshape(c_out, -1).T).reshape(n, h_out, w_out, c_out).transpose(0, 3, 1, 2)
+    elif c_in_g == 1 and groups == c_in == c_out:  # depthwise
+        kernel = weight.reshape(c_out, kh * kw)
+        y = sum(tap * kernel[:, k][None, :, None, None] for k, tap in enumerate(taps))
     else:
         raise VerificationError(f"grouped conv (groups={groups}) is not emitted by watchtrain")
     if bias is not None:
@@ -162,16 +172,17 @@ def _op(op_type: str, a: dict[str, Any]) -> Any:
     if op_type == "add":
         return np.add(a["x"], a["y"], dtype=np.float32)
     if op_type == "cast":
-        return np.asarray(a["x"]).astype({"fp16": np.float16, "fp32": np.float32, "int32": np.int32}[a["dtype"]])
+        dtype = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32}[a["dtype"]]
+        return np.asarray(a["x"], np.float32) if dtype is np.float16 else np.asarray(a["x"]).astype(dtype)
     if op_type == "conv":
         return _conv(a["x"], a["weight"], a.get("bias"), a.get("strides", [1, 1]), a.get("pad_type", "valid"),
                      a.get("pad", [0, 0, 0, 0]), a.get("dilations", [1, 1]), int(a.get("groups", 1)))
     if op_type == "relu6":
-        return np.clip(a["x"].astype(np.float32), 0.0, 6.0)
+        return np.clip(np.asarray(a["x"], np.float32), 0.0, 6.0)
     if op_type == "relu":
-        return np.maximum(a["x"].astype(np.float32), 0.0)
+        return np.maximum(np.asarray(a["x"], np.float32), 0.0)
     if op_type == "reduce_mean":
-        return a["x"].astype(np.float32).mean(axis=tuple(np.atleast_1d(a["axes"])), keepdims=bool(a["keep_dims"]))
+        return np.asarray(a["x"], np.float32).mean(axis=tuple(np.atleast_1d(a["axes"])), keepdims=bool(a["keep_dims"]))
     if op_type == "linear":
         y = a["x"].astype(np.float32) @ a["weight"].astype(np.float32).T
         return y + a["bias"].astype(np.float32) if a.get("bias") is not None else y
@@ -209,9 +220,13 @@ _CONSTEXPR = {"constexpr_affine_dequantize": _affine_dequantize,
               "constexpr_blockwise_shift_scale": _blockwise_shift_scale}
 
 
-def run_program(program: Program, image: np.ndarray) -> np.ndarray:
-    """Class probabilities for one ``[3, 224, 224]`` float32 pixel array in [0, 255]."""
-    env: dict[str, Any] = {program.input_name: image[None].astype(np.float32)}
+def run_program(program: Program, images: np.ndarray) -> np.ndarray:
+    """Class probabilities ``[N, classes]`` for ``[N, 3, 224, 224]`` float32 pixels in [0, 255].
+
+    Core ML runs the program on one image at a time; every op here is per-image, so a
+    batch gives the same numbers faster.
+    """
+    env: dict[str, Any] = {program.input_name: images.astype(np.float32)}
     probs_name = None
     for op in program.operations:
         outputs = [o.name for o in op.outputs]
@@ -238,12 +253,14 @@ def run_program(program: Program, image: np.ndarray) -> np.ndarray:
             raise
         # Storage precision is the op's declared output type: fp16 outputs are rounded.
         out_type = op.outputs[0].type.tensorType.dataType
-        if out_type in _NUMPY and isinstance(result, np.ndarray):
+        if out_type == _DT.FLOAT16 and isinstance(result, np.ndarray):
+            result = result.astype(np.float16).astype(np.float32)  # kept as float32: no re-casts later
+        elif out_type in _NUMPY and isinstance(result, np.ndarray):
             result = result.astype(_NUMPY[out_type])
         env[outputs[0]] = result
     if probs_name is None:
         raise VerificationError(f"{program.path}: no classify operation (not a classifier)")
-    return np.asarray(env[probs_name], dtype=np.float32).reshape(-1)
+    return np.asarray(env[probs_name], dtype=np.float32).reshape(len(images), -1)
 
 
 @dataclass
@@ -294,7 +311,8 @@ def verify(package: Path, mlx_probs: np.ndarray, images: list[np.ndarray], names
         raise VerificationError(f"{package}: labels {program.labels[:5]}... differ from the model's {labels[:5]}...")
     precision = _precision(program)
     tolerance = TOLERANCE[precision]
-    ours = np.stack([run_program(program, img.transpose(2, 0, 1).astype(np.float32)) for img in images])
+    batches = [np.stack(images[i : i + 16]).transpose(0, 3, 1, 2) for i in range(0, len(images), 16)]
+    ours = np.concatenate([run_program(program, b) for b in batches]) if batches else np.zeros((0, 1))
     diff = np.abs(ours - mlx_probs)
     mismatches = _mismatches(names, ours, mlx_probs, precision)
     agreement = float((ours.argmax(1) == mlx_probs.argmax(1)).mean()) if len(images) else 1.0
