@@ -39,10 +39,9 @@ class Daemon:
         try:
             result = pipeline.run(
                 project.job, reason=reason, log=self.log, should_stop=self.stop_event.is_set,
-                # Event-driven and start-up runs skip when the data did not really change;
-                # the nightly run retrains the head from scratch (no drift from warm starts).
-                force=reason in ("schedule", "manual"),
-                warm_start=reason != "schedule",
+                # Event-driven and start-up runs skip when the data did not really change.
+                force=reason in ("schedule", "resume", "manual"),
+                mode="nightly" if reason in ("schedule", "resume") else "incremental",
             )
         except Cancelled:
             self.history.finish(run_id, "cancelled")
@@ -75,8 +74,10 @@ class Daemon:
             self.log.info("project_watching", project=name, dataset=str(project.job.dataset),
                           output=str(project.job.output), schedule=project.schedule,
                           next_scheduled_run=str(job.next_run_time))
-            # Catch up with whatever changed while the daemon was not running.
-            self.worker.request(name, "startup")
+            # Catch up with whatever changed while the daemon was not running, and finish a
+            # nightly fine-tune that a stop or crash interrupted (it resumes from its checkpoint).
+            interrupted = (project.job.state_dir / "checkpoints" / name / "checkpoint.json").exists()
+            self.worker.request(name, "resume" if interrupted else "startup")
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--min-target", choices=("iOS15", "iOS16", "iOS17", "iOS18"),
                        help="minimum deployment target (default iOS15, iOS16 with 8-bit weights)")
     train.add_argument("--verify-photos", type=int, default=16, help="photos the package is verified on")
+    train.add_argument("--mode", choices=("incremental", "nightly"), default="incremental",
+                       help="incremental: head on cached embeddings; nightly: deep fine-tune (what the schedule runs)")
     train.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
 
     predict = sub.add_parser("predict", help="classify photos with a published model")
@@ -40,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", type=Path, help="folder holding the published model (with a name)")
     predict.add_argument("--top", type=int, default=3)
     predict.add_argument("--json", action="store_true")
+
+    score = sub.add_parser("evaluate", help="score a published model on a labeled folder")
+    score.add_argument("package", type=Path, help="OUTPUT_DIR/NAME.mlpackage")
+    score.add_argument("--images", type=Path, required=True, help="folder with one sub-folder per label")
+    score.add_argument("--json", action="store_true")
 
     check = sub.add_parser("verify", help="run a saved .mlpackage with NumPy (and Core ML on macOS) against MLX")
     check.add_argument("package", type=Path)
@@ -77,7 +84,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         export=export.ExportOptions(precision=args.precision, weight_bits=args.weight_bits,
                                     minimum_target=args.min_target or ("iOS16" if args.weight_bits == 8 else "iOS15")),
     )
-    result = pipeline.run(job, reason="manual", log=logs.get())
+    result = pipeline.run(job, reason="manual", log=logs.get(), mode=args.mode)
     if args.json:
         print(json.dumps(result.metrics, indent=2))
         return 0
@@ -108,6 +115,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 0
     for path, top in zip(args.images, tops):
         print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from service import evaluation, predict
+    from service.dataset import scan_folder
+
+    loaded = predict.load_published(predict.locate(str(args.package)))
+    photos = scan_folder(args.images)
+    known = [p for p in photos if p.label in loaded.labels]
+    if not known:
+        raise FileNotFoundError(f"no photos under {args.images} with one of the model's labels {loaded.labels}")
+    probs, kept = predict.probabilities_of_photos(loaded, known)
+    truth = [loaded.labels.index(p.label) for p in kept]
+    result = evaluation.metrics(truth, probs.argmax(axis=1), loaded.labels)
+    result.update(version=loaded.version, unreadable=len(known) - len(kept),
+                  unknown_labels=sorted({p.label for p in photos} - set(loaded.labels)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"accuracy {result['accuracy']} on {result['n']} photos (model version {loaded.version})")
+        for label, row in result["per_label"].items():
+            print(f"  {label}: n={row['n']} precision={row['precision']} recall={row['recall']}")
     return 0
 
 
@@ -170,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.verify import VerificationError
     from service.weights import WeightsError
 
-    handlers = {"run": _cmd_run, "train": _cmd_train, "predict": _cmd_predict, "verify": _cmd_verify,
-                "service": _cmd_service}
+    handlers = {"run": _cmd_run, "train": _cmd_train, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
+                "verify": _cmd_verify, "service": _cmd_service}
     try:
         return handlers[args.command](args)
     except (ConfigError, DatasetError, WeightsError, ImageError, VerificationError, FileNotFoundError) as exc:

@@ -17,6 +17,8 @@ from typing import Any
 from apscheduler.triggers.cron import CronTrigger
 
 from service import export
+from service.augment import AugmentSettings
+from service.finetune import FinetuneSettings
 from service.pipeline import Job
 from service.training import HeadSettings
 from service.weights import DEFAULT_WEIGHTS_URL
@@ -56,9 +58,11 @@ DAEMON_KEYS = {"state_dir", "weights", "weights_url", "log_level"}
 PROJECT_KEYS = {
     "name", "dataset", "validation", "output", "schedule", "debounce_seconds", "validation_fraction",
     "keep_versions", "precision", "weight_bits", "minimum_deployment_target", "weights", "head",
-    "quality_tolerance", "verify_photos", "author", "license", "description",
+    "quality_tolerance", "verify_photos", "author", "license", "description", "finetune",
 }
 HEAD_KEYS = {f.name for f in fields(HeadSettings)}
+AUGMENT_KEYS = {"augment", "views", "flip", "jitter", "crop_min_scale"}
+FINETUNE_KEYS = {f.name for f in fields(FinetuneSettings)} - {"augment"} | AUGMENT_KEYS
 
 
 def _unknown(file: Path, table: str, data: dict, allowed: set[str]) -> None:
@@ -76,9 +80,14 @@ def _path(file: Path, key: str, value: Any) -> Path:
 
 
 def _typed(file: Path, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(file, key, f"must be a {getattr(kind, '__name__', 'number')}, not {value!r}")
-    return value
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        kinds += (int,)
+    ok = isinstance(value, bool) if bool in kinds else not isinstance(value, bool) and isinstance(value, kinds)
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(file, key, f"must be a {names}, not {value!r}")
+    return float(value) if float in kinds and int in kinds and kind is float else value
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -140,6 +149,7 @@ def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | N
     _unknown(file, where + "head.", head_table, HEAD_KEYS)
     head = HeadSettings(**{k: _typed(file, where + "head." + k, v, type(getattr(HeadSettings(), k)))
                            for k, v in head_table.items()})
+    finetune = _finetune(file, where + "finetune.", entry.get("finetune", {}))
     precision = entry.get("precision", "float16")
     if precision not in export.PRECISIONS:
         raise ConfigError(file, where + "precision", f"must be one of {sorted(export.PRECISIONS)}")
@@ -164,10 +174,28 @@ def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | N
         quality_tolerance=float(_typed(file, where + "quality_tolerance", entry.get("quality_tolerance", 0.01),
                                        (int, float))),
         verify_photos=_typed(file, where + "verify_photos", entry.get("verify_photos", 16), int),
-        head=head, export=export.ExportOptions(precision=precision, weight_bits=bits, minimum_target=target, **texts),
+        head=head, finetune=finetune, export=export.ExportOptions(precision=precision, weight_bits=bits, minimum_target=target, **texts),
     )
     debounce = _typed(file, where + "debounce_seconds", entry.get("debounce_seconds", 10.0), (int, float))
     return Project(job=job, schedule=schedule, debounce_seconds=float(debounce))
+
+
+def _finetune(file: Path, where: str, table: dict) -> FinetuneSettings:
+    _unknown(file, where, table, FINETUNE_KEYS)
+    defaults, aug = FinetuneSettings(), AugmentSettings()
+    values = {k: _typed(file, where + k, v, type(getattr(defaults, k))) for k, v in table.items()
+              if k not in AUGMENT_KEYS}
+    if values.get("blocks", defaults.blocks) not in range(1, 4):
+        raise ConfigError(file, where + "blocks", "must be 1, 2 or 3 (the blocks after the last 14x14 stage)")
+    augment = AugmentSettings(
+        enabled=_typed(file, where + "augment", table.get("augment", aug.enabled), bool),
+        views=_typed(file, where + "views", table.get("views", aug.views), int),
+        flip=_typed(file, where + "flip", table.get("flip", aug.flip), bool),
+        jitter=float(_typed(file, where + "jitter", table.get("jitter", aug.jitter), (int, float))),
+        crop_scale=(float(_typed(file, where + "crop_min_scale", table.get("crop_min_scale", aug.crop_scale[0]),
+                                 (int, float))), 1.0),
+    )
+    return FinetuneSettings(**values, augment=augment)
 
 
 def _check_overlaps(file: Path, projects: tuple[Project, ...]) -> None:

@@ -29,21 +29,31 @@ class ImageError(ValueError):
     """The file could not be read as a photo. The message names the file."""
 
 
-def load_rgb(path: Path, size: int = SIZE) -> np.ndarray:
-    """Decode ``path`` to a ``[size, size, 3]`` uint8 array, or raise :class:`ImageError`."""
+def open_rgb(path: Path, min_size: int = SIZE) -> Image.Image:
+    """Decode ``path`` to an upright RGB image at least ``min_size`` on each side
+    (JPEGs are decoded at a reduced scale when they are much larger), or raise
+    :class:`ImageError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 # JPEG: let the decoder downscale by 1/2..1/8 while decoding (much faster).
-                img.draft("RGB", (size, size))
+                img.draft("RGB", (min_size, min_size))
                 img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
-                img = img.resize((size, size), Image.BILINEAR)
-                return np.asarray(img, dtype=np.uint8)
+                return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{path}: cannot be read as an image ({_describe(exc)})") from exc
+
+
+def to_pixels(img: Image.Image, size: int = SIZE) -> np.ndarray:
+    """Whole frame squeezed to ``size`` x ``size`` (bilinear), as uint8 HWC."""
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def load_rgb(path: Path, size: int = SIZE) -> np.ndarray:
+    """Decode ``path`` to a ``[size, size, 3]`` uint8 array, or raise :class:`ImageError`."""
+    return to_pixels(open_rgb(path, size), size)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

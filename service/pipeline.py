@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import shutil
 import time
 import uuid
@@ -23,13 +24,16 @@ import service
 import mlx.core as mx
 
 from service import dataset as ds
-from service import evaluation, export, verify, weights
+from service import evaluation, export, finetune, verify, weights
 from service.embeddings import EmbeddingCache, embed
 from service.export import ExportOptions
 from service.images import load_rgb
 from service.predict import probabilities_of_pixels
 from service.publish import MLX_WEIGHTS, Publisher, write_json_atomic
-from service.training import HeadSettings, train_head
+
+DATASET_INDEX = "dataset.json"
+from service.finetune import FinetuneSettings
+from service.training import HeadResult, HeadSettings, train_head
 from service.weights import DEFAULT_WEIGHTS_URL
 
 
@@ -49,6 +53,7 @@ class Job:
     quality_tolerance: float = 0.01  # may lose at most 1 point of validation accuracy
     verify_photos: int = 16  # photos the exported package is checked on before publishing
     head: HeadSettings = HeadSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
     export: ExportOptions = ExportOptions()
 
 
@@ -98,13 +103,16 @@ def run(
     log: Any,
     should_stop: Callable[[], bool] = lambda: False,
     force: bool = True,
-    warm_start: bool = True,
+    mode: str = "incremental",
 ) -> RunResult:
     """Train and publish ``job``.
 
-    ``force=False`` skips when the dataset is unchanged; ``warm_start=False`` trains
-    the head from scratch (nightly runs), the quality gate still guarding the result.
+    ``mode="incremental"`` trains the head on cached embeddings, warm-started from
+    the published head; ``mode="nightly"`` deep fine-tunes the last blocks (see
+    :mod:`service.finetune`). ``force=False`` skips a run whose data is unchanged.
     """
+    if mode not in ("incremental", "nightly"):
+        raise ValueError(f"unknown mode {mode!r}")
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     log = log.bind(project=job.name, run_id=run_id)
     phases: dict[str, float] = {}
@@ -112,15 +120,17 @@ def run(
     publisher = Publisher(job.output, job.name, job.keep_versions)
     if removed := publisher.clean_tmp():
         log.info("removed_stale_staging", count=removed)
+    previous = publisher.current()
 
     mark = time.perf_counter()
-    model, w = weights.load(weights.resolve(job.weights, job.weights_url, log=log))
+    pretrained = weights.resolve(job.weights, job.weights_url, log=log)
+    model, w = weights.load(backbone_for(previous, pretrained, mode == "nightly" and job.finetune.from_imagenet))
     phases["load_weights"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     train, val = scan(job)
     phases["scan"] = time.perf_counter() - mark
-    log.info("run_started", reason=reason, n_train_files=len(train), n_val_files=len(val),
+    log.info("run_started", reason=reason, mode=mode, n_train_files=len(train), n_val_files=len(val),
              weights=str(w.path), weights_layout=w.layout, blas=service.blas.loaded)
 
     mark = time.perf_counter()
@@ -130,39 +140,66 @@ def run(
             model, w.sha256, train + val, cache, should_stop=should_stop,
             on_skip=lambda photo, why: log.warning("photo_skipped", file=str(photo.path), reason=why),
         )
+        phases["embed"] = time.perf_counter() - mark
+        log.info("embedded", count=len(report.embedded), cached=report.cached, skipped=len(report.skipped),
+                 files=report.embedded[:50], seconds=round(report.seconds, 3))
+
+        train = [p for p in train if str(p.path) in vectors]
+        val = [p for p in val if str(p.path) in vectors]
+        labels = list(ds.labels_of(train))
+        ds.check_labels(tuple(labels), job.dataset)
+        if dropped := sorted({p.label for p in val} - set(labels)):
+            log.warning("validation_labels_without_training_photos", labels=dropped)
+        train = [p for p in train if p.label in labels]
+        val = [p for p in val if p.label in labels]
+        data_fp = fingerprint(train, val, hashes)
+        if not force and previous and previous.get("dataset_fingerprint") == data_fp \
+                and previous.get("weights_sha256") == w.sha256:
+            log.info("run_skipped_unchanged", version=previous["version"])
+            return RunResult("unchanged", previous, {}, None, report.embedded, report.skipped)
+        changes = dataset_changes(publisher, previous, train, val, hashes)
+        log.info("dataset_changes", **{k: len(v) for k, v in changes.items()})
+
+        x_train, y_train = matrix(vectors, train, labels)
+        x_val, y_val = matrix(vectors, val, labels)
+        old_accuracy = published_accuracy(publisher, previous, val, labels, cache, log)
+        prev_head = _published_head(publisher, previous, w.sha256)
+        init = warm_start_head(prev_head, previous, labels, x_train, y_train) if prev_head is not None else None
+
+        mark = time.perf_counter()
+        if mode == "nightly":
+            if init is None:  # a linear probe is a far better start than a random head
+                quick = train_head(x_train, y_train, x_val, y_val, len(labels), job.head, should_stop=should_stop)
+                init = (quick.weight, quick.bias)
+            deep = finetune.nightly(model, w.sha256, train, val, hashes, y_train, y_val, labels, init, job.finetune,
+                                    job.state_dir, job.name, data_fp, log, should_stop)
+            train = [train[i] for i in deep.kept_train]
+            val = [val[i] for i in deep.kept_val]
+            y_train, y_val = y_train[deep.kept_train], y_val[deep.kept_val]
+            x_train, x_val = deep.x_train, deep.x_val
+            model, w = weights.load(deep.backbone)
+            cache.put_many([(hashes[str(p.path)], v) for p, v in zip(train + val, np.concatenate([x_train, x_val]))],
+                           w.sha256)
+            data_fp = fingerprint(train, val, hashes)
+            r = deep.result
+            head = HeadResult(deep.weight, deep.bias, r.epochs_run, r.best_epoch, r.stop_reason, r.history)
+            training_info = {"mode": "nightly", "settings": _jsonable(job.finetune), "front_features_computed":
+                             deep.front_computed, "resumed_from_epoch": r.resumed_from_epoch,
+                             "backbone": str(deep.backbone)}
+        else:
+            head = train_head(x_train, y_train, x_val, y_val, len(labels), job.head, init=init,
+                              should_stop=should_stop)
+            training_info = {"mode": "incremental", "settings": asdict(job.head), "warm_start": init is not None}
+        phases["train"] = time.perf_counter() - mark
     finally:
         cache.close()
-    phases["embed"] = time.perf_counter() - mark
-    log.info("embedded", count=len(report.embedded), cached=report.cached, skipped=len(report.skipped),
-             files=report.embedded[:50], seconds=round(report.seconds, 3))
-
-    train = [p for p in train if str(p.path) in vectors]
-    val = [p for p in val if str(p.path) in vectors]
-    labels = list(ds.labels_of(train))
-    ds.check_labels(tuple(labels), job.dataset)
-    if dropped := sorted({p.label for p in val} - set(labels)):
-        log.warning("validation_labels_without_training_photos", labels=dropped)
-    data_fp = fingerprint(train, val, hashes)
-    previous = publisher.current()
-    if not force and previous and previous.get("dataset_fingerprint") == data_fp \
-            and previous.get("weights_sha256") == w.sha256:
-        log.info("run_skipped_unchanged", version=previous["version"])
-        return RunResult("unchanged", previous, {}, None, report.embedded, report.skipped)
-
-    x_train, y_train = matrix(vectors, train, labels)
-    x_val, y_val = matrix(vectors, val, labels)
-    baseline = _published_head(publisher, previous, w.sha256)
-    init = baseline if warm_start and baseline is not None and previous.get("labels") == labels else None
-    mark = time.perf_counter()
-    head = train_head(x_train, y_train, x_val, y_val, len(labels), job.head, init=init, should_stop=should_stop)
-    phases["train"] = time.perf_counter() - mark
     train_metrics = evaluation.metrics(y_train, _predict(head.weight, head.bias, x_train), labels)
     val_metrics = evaluation.metrics(y_val, _predict(head.weight, head.bias, x_val), labels)
-    log.info("trained", epochs=head.epochs_run, best_epoch=head.best_epoch, stop_reason=head.stop_reason,
+    log.info("trained", mode=mode, epochs=head.epochs_run, best_epoch=head.best_epoch, stop_reason=head.stop_reason,
              train_accuracy=train_metrics["accuracy"], val_accuracy=val_metrics["accuracy"],
              warm_start=init is not None, seconds=round(phases["train"], 3))
 
-    gate = quality_gate(previous, baseline, labels, x_val, y_val, val_metrics["accuracy"], job.quality_tolerance)
+    gate = quality_gate(previous, old_accuracy, labels, val_metrics["accuracy"], job.quality_tolerance)
     log.info("quality_gate", **gate)
     summary = {
         "train_accuracy": train_metrics["accuracy"],
@@ -175,14 +212,15 @@ def run(
         "run_id": run_id,
         "project": job.name,
         "reason": reason,
+        "mode": mode,
         "labels": labels,
         "counts": {"train": int(len(y_train)), "val": int(len(y_val)), "embedded": len(report.embedded),
                    "cached": report.cached, "skipped": len(report.skipped)},
         "per_label_counts": {label: int((y_train == i).sum()) for i, label in enumerate(labels)},
+        "dataset_changes": changes,
         "train": train_metrics,
         "validation": val_metrics,
-        "training": {**summary, "warm_start": init is not None, "settings": asdict(job.head),
-                     "history": head.history},
+        "training": {**summary, **training_info, "history": head.history},
         "quality_gate": gate,
         "skipped_files": report.skipped,
     }
@@ -200,10 +238,13 @@ def run(
         "labels": labels,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "reason": reason,
+        "mode": mode,
         "metrics": summary,
         "n_train": int(len(y_train)),
         "n_val": int(len(y_val)),
         "weights_sha256": w.sha256,
+        "backbone": str(w.path),
+        "pretrained_sha256": weights.sha256_file(pretrained),
         "dataset_fingerprint": data_fp,
         "precision": job.export.precision,
         "weight_bits": job.export.weight_bits,
@@ -216,6 +257,7 @@ def run(
         mark = time.perf_counter()
         package = export.export(final, labels, staged / f"{job.name}.mlpackage", _export_options(job.export, manifest))
         weights.save_model(final, staged / MLX_WEIGHTS, {"labels": "\n".join(labels), "version": str(version)})
+        write_json_atomic(staged / DATASET_INDEX, dataset_index(train, val, hashes))
         phases["export"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -241,6 +283,75 @@ def run(
     return RunResult("published", manifest, metrics, path, report.embedded, report.skipped)
 
 
+def backbone_for(previous: dict | None, pretrained: Path, from_pretrained: bool) -> Path:
+    """The backbone a run starts from: the published model's fine-tuned one, else the pretrained weights."""
+    if previous and not from_pretrained:
+        path = Path(previous.get("backbone", ""))
+        if previous.get("mode") == "nightly" and path.is_file():
+            return path
+    return pretrained
+
+
+def dataset_index(train: list[ds.Photo], val: list[ds.Photo], hashes: dict[str, str]) -> list[list[str]]:
+    """[relpath, label, sha256, side] of every photo a model was trained and validated on."""
+    return [[p.relpath, p.label, hashes[str(p.path)], side] for side, photos in (("train", train), ("val", val))
+            for p in photos]
+
+
+def dataset_changes(publisher: Publisher, previous: dict | None, train: list[ds.Photo], val: list[ds.Photo],
+                    hashes: dict[str, str]) -> dict[str, list[str]]:
+    """What changed since the published model: added, removed, modified and relabeled photos.
+
+    A photo whose bytes moved to another label folder is *relabeled* (and not re-embedded).
+    """
+    try:
+        old_rows = json.loads((publisher.version_dir(previous["version"]) / DATASET_INDEX).read_text())
+    except (TypeError, KeyError, OSError, ValueError):
+        old_rows = []
+    old = {(row[3], row[0]): (row[1], row[2]) for row in old_rows}
+    old_by_sha = {(row[3], row[2]): row[1] for row in old_rows}
+    new = {(side, p.relpath): (p.label, hashes[str(p.path)]) for side, photos in (("train", train), ("val", val))
+           for p in photos}
+    out: dict[str, list[str]] = {"added": [], "removed": [], "modified": [], "relabeled": []}
+    new_shas = {(side, sha) for (side, _), (_, sha) in new.items()}
+    for key, (label, sha) in new.items():
+        if key in old:
+            if old[key][1] != sha:
+                out["modified"].append(key[1])
+        elif (key[0], sha) in old_by_sha:
+            if old_by_sha[(key[0], sha)] != label:
+                out["relabeled"].append(key[1])
+        else:
+            out["added"].append(key[1])
+    for key, (label, sha) in old.items():
+        if key not in new and (key[0], sha) not in new_shas:
+            out["removed"].append(key[1])
+    return out
+
+
+def warm_start_head(prev: tuple[np.ndarray, np.ndarray], previous: dict, labels: list[str], x_train: np.ndarray,
+                    y_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The published head re-indexed to ``labels``: kept labels keep their rows, removed
+    labels drop theirs, a new label's row is imprinted from its photos' mean embedding."""
+    prev_labels = list(previous["labels"])
+    weight = np.zeros((len(labels), prev[0].shape[1]), np.float32)
+    bias = np.zeros(len(labels), np.float32)
+    norm = float(np.linalg.norm(prev[0], axis=1).mean())
+    for i, label in enumerate(labels):
+        if label in prev_labels:
+            j = prev_labels.index(label)
+            weight[i], bias[i] = prev[0][j], prev[1][j]
+        else:
+            mean = x_train[y_train == i].mean(axis=0) - x_train.mean(axis=0)
+            weight[i] = mean / (np.linalg.norm(mean) + 1e-8) * norm
+            bias[i] = float(prev[1].mean())
+    return weight, bias
+
+
+def _jsonable(settings: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(settings), default=str))
+
+
 def _rounded(phases: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in phases.items()}
 
@@ -257,10 +368,30 @@ def _published_head(publisher: Publisher, previous: dict | None,
     return np.array(tensors["classifier.weight"]), np.array(tensors["classifier.bias"])
 
 
-def quality_gate(previous: dict | None, baseline: tuple[np.ndarray, np.ndarray] | None, labels: list[str],
-                 x_val: np.ndarray, y_val: np.ndarray, new_accuracy: float | None,
-                 tolerance: float) -> dict[str, Any]:
-    """Publish unless the new head is worse than the published one on *this* validation set."""
+def published_accuracy(publisher: Publisher, previous: dict | None, val: list[ds.Photo], labels: list[str],
+                       cache: EmbeddingCache, log: Any) -> float | None:
+    """The published model's accuracy on *this* validation set (None when not comparable).
+
+    Its embeddings come from the cache under its own backbone's fingerprint, so this
+    is free unless the backbone changed since (then the validation photos are embedded
+    once with the published model).
+    """
+    if not previous or previous.get("labels") != labels or not val:
+        return None
+    try:
+        model, _ = weights.load(publisher.mlx_weights(previous["version"]))
+    except (OSError, weights.WeightsError):
+        return None
+    vectors, _, _ = embed(model, previous["weights_sha256"], val, cache)
+    x, y = matrix(vectors, val, labels)
+    if not len(y):
+        return None
+    return float((_predict(np.array(model.classifier.weight), np.array(model.classifier.bias), x) == y).mean())
+
+
+def quality_gate(previous: dict | None, old_accuracy: float | None, labels: list[str],
+                 new_accuracy: float | None, tolerance: float) -> dict[str, Any]:
+    """Publish unless the new model is worse than the published one on *this* validation set."""
     decision: dict[str, Any] = {"tolerance": tolerance, "new_val_accuracy": new_accuracy}
     if previous is None:
         return {**decision, "publish": True, "decision": "first_model"}
@@ -269,12 +400,11 @@ def quality_gate(previous: dict | None, baseline: tuple[np.ndarray, np.ndarray] 
         removed = sorted(set(previous.get("labels", [])) - set(labels))
         return {**decision, "publish": True, "decision": "labels_changed", "labels_added": added,
                 "labels_removed": removed}
-    if baseline is None or not len(y_val) or new_accuracy is None:
+    if old_accuracy is None or new_accuracy is None:
         return {**decision, "publish": True, "decision": "no_comparable_baseline"}
-    old = float((_predict(baseline[0], baseline[1], x_val) == y_val).mean())
-    decision["published_val_accuracy"] = round(old, 6)
+    decision["published_val_accuracy"] = round(old_accuracy, 6)
     decision["published_version"] = previous.get("version")
-    if new_accuracy + tolerance < old:
+    if new_accuracy + tolerance < old_accuracy:
         return {**decision, "publish": False, "decision": "worse_than_published"}
     return {**decision, "publish": True, "decision": "not_worse"}
 

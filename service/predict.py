@@ -11,7 +11,7 @@ import service  # noqa: F401
 import mlx.core as mx
 
 from service import weights
-from service.images import load_rgb
+from service.images import ImageError, load_rgb
 from service.mobilenet import MobileNetV2
 from service.publish import Publisher
 
@@ -42,6 +42,18 @@ def load_published(publisher: Publisher) -> Loaded:
 def probabilities(loaded: Loaded, paths: list[Path]) -> np.ndarray:
     """``[len(paths), n_labels]`` class probabilities."""
     return probabilities_of_pixels(loaded.model, [load_rgb(p) for p in paths])
+
+
+def probabilities_of_photos(loaded: Loaded, photos: list, batch: int = 16) -> tuple[np.ndarray, list]:
+    """Probabilities for dataset photos, leaving out unreadable ones; returns (probs, kept photos)."""
+    kept, pixels = [], []
+    for photo in photos:
+        try:
+            pixels.append(load_rgb(photo.path))
+            kept.append(photo)
+        except ImageError:
+            continue
+    return probabilities_of_pixels(loaded.model, pixels, batch), kept
 
 
 def top_k(loaded: Loaded, probs: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:

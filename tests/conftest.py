@@ -87,7 +87,7 @@ def job_for(weights_path, tmp_path, warm_embeddings):
         if warm and not (state / "embeddings.sqlite").exists():
             shutil.copy2(warm_embeddings, state / "embeddings.sqlite")
         return Job(name=kw.pop("name", "Subset"), dataset=data["train"], validation=kw.pop("validation", data["val"]),
-                   output=tmp_path / "out", state_dir=state, weights=weights_path, **kw)
+                   output=tmp_path / "out", state_dir=state, weights=kw.pop("weights", weights_path), **kw)
 
     return make
 

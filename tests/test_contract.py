@@ -104,18 +104,24 @@ def test_sigkill_during_export_leaves_no_temporary_folder(subset, weights_path, 
     assert json.loads((out / "S.json").read_text())["version"] > before["version"]
 
 
-def test_quality_gate_refuses_a_worse_model(subset, job_for, captured):
+def test_quality_gate_refuses_a_worse_model(subset, job_for, captured, weights_path, tmp_path):
+    """Switching to worse weights (the real ones run with the wrong padding) and a barely
+    trained head gives a worse model: it is refused and the published one stays."""
+    import mlx.core as mx
     from service.training import HeadSettings
 
     job = job_for(subset)
     first = pipeline.run(job, log=structlog.get_logger())
-    # A deliberately bad nightly run: one epoch at a tiny learning rate, no warm start.
-    bad = job_for(subset, head=HeadSettings(epochs=1, learning_rate=1e-7, patience=1))
-    result = pipeline.run(bad, log=structlog.get_logger(), reason="schedule", warm_start=False)
+    tensors, meta = mx.load(str(weights_path), return_metadata=True)
+    worse = tmp_path / "symmetric.safetensors"
+    mx.save_safetensors(str(worse), tensors, metadata={**meta, "padding": "symmetric", "normalization": "imagenet"})
+    bad = job_for(subset, weights=worse, head=HeadSettings(epochs=1, learning_rate=1e-7, patience=1))
+    result = pipeline.run(bad, log=structlog.get_logger())
     assert result.status == "rejected"
     gate = result.metrics["quality_gate"]
     assert gate["decision"] == "worse_than_published" and gate["publish"] is False
     assert gate["published_val_accuracy"] == first.manifest["metrics"]["val_accuracy"]
+    assert gate["new_val_accuracy"] < gate["published_val_accuracy"] - gate["tolerance"]
     assert json.loads(result.metrics_path.read_text())["quality_gate"] == gate
     assert Publisher(job.output, job.name).current()["version"] == 1
     assert events_named(captured, "not_published")
