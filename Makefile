@@ -38,7 +38,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python benchmarks/bench_clothing.py
+	$(BIN)/python benchmarks/nightly_clothing.py
+	$(BIN)/python benchmarks/export_variants.py
 
 clean:
 	rm -rf $(VENV) output .watchtrain-state *.egg-info

@@ -1,13 +1,22 @@
-"""The daemon: watchers, nightly schedule and the work queue around :func:`service.pipeline.run`."""
+"""The daemon: watchers, schedules and the work queue around :func:`service.pipeline.run`.
+
+Nothing a project does can stop the daemon: a failed run is logged and retried
+with backoff (the published model stays), a dataset folder that disappears pauses
+its project until it comes back, and a periodic rescan catches events the watcher
+missed (overflow, network volumes).
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 
 from daemon import logs
 from daemon.config import Config, Project
@@ -15,10 +24,10 @@ from daemon.state import RunHistory
 from daemon.watcher import Debouncer, watch
 from daemon.worker import Worker
 from service import pipeline
-from service.dataset import DatasetError
 from service.embeddings import Cancelled
 
 STOP_TIMEOUT_SECONDS = 10
+RETRY_MAX_SECONDS = 3600.0
 
 
 class Daemon:
@@ -32,41 +41,108 @@ class Daemon:
         self.scheduler = BackgroundScheduler()
         self.observer = Observer()
         self.debouncers: dict[str, Debouncer] = {}
+        self.watches: dict[str, list[ObservedWatch]] = {}
+        self.paused: set[str] = set()
+        self.failures: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- runs -----------------------------------------------------------------
 
     def _train(self, name: str, reason: str) -> None:
         project = self.projects[name]
+        if not self._available(name):
+            return
         run_id = self.history.start(name, reason)
         try:
             result = pipeline.run(
                 project.job, reason=reason, log=self.log, should_stop=self.stop_event.is_set,
-                # Event-driven and start-up runs skip when the data did not really change.
+                # Event-driven, start-up and rescan runs skip when the data did not really change.
                 force=reason in ("schedule", "resume", "manual"),
                 mode="nightly" if reason in ("schedule", "resume") else "incremental",
             )
         except Cancelled:
             self.history.finish(run_id, "cancelled")
             self.log.info("run_cancelled", project=name)
-        except (DatasetError, OSError, ValueError, RuntimeError) as exc:
-            # The published model stays; the next change or schedule tries again.
+        except Exception as exc:  # noqa: BLE001 - any failure: log, keep the model, retry later
             self.history.finish(run_id, "failed", detail=str(exc))
-            self.log.error("run_failed", project=name, reason=reason, error=str(exc),
-                           error_type=type(exc).__name__)
+            self._retry_later(name, reason, exc)
         else:
-            version = (result.manifest or {}).get("version")
-            self.history.finish(run_id, result.status, version=version)
+            self.failures.pop(name, None)
+            self.history.finish(run_id, result.status, version=(result.manifest or {}).get("version"))
+            if result.retry_after:
+                # Photos still being written were left out; look again once they settle
+                # (through the debouncer, so a copy still in progress keeps deferring it).
+                self._later(result.retry_after, self.debouncers[name].poke)
+
+    def _retry_later(self, name: str, reason: str, exc: Exception) -> None:
+        attempt = self.failures.get(name, 0)
+        self.failures[name] = attempt + 1
+        delay = min(RETRY_MAX_SECONDS, self.config.retry_seconds * 2**attempt)
+        self.log.error("run_failed", project=name, reason=reason, error=str(exc), error_type=type(exc).__name__,
+                       retry_in_seconds=delay, attempt=attempt + 1)
+        # A nightly run that failed is retried as a nightly run (it resumes from its checkpoint).
+        self._later(delay, self.worker.request, name, "resume" if reason in ("schedule", "resume") else "retry")
+
+    def _later(self, seconds: float, fn, *args) -> None:
+        timer = threading.Timer(seconds, fn, args=args)
+        timer.daemon = True
+        timer.start()
+
+    # -- folders --------------------------------------------------------------
+
+    def _roots(self, project: Project) -> list[Path]:
+        job = project.job
+        return [job.dataset] + ([job.validation] if job.validation else [])
+
+    def _available(self, name: str) -> bool:
+        """False (and the project paused) while one of its folders is missing."""
+        missing = [str(r) for r in self._roots(self.projects[name]) if not r.is_dir()]
+        with self._lock:
+            if missing and name not in self.paused:
+                self.paused.add(name)
+                self.log.warning("project_paused", project=name, missing=missing,
+                                 hint="resumes when the folder is back (checked every rescan)")
+            return not missing
+
+    def _watch(self, name: str) -> None:
+        project = self.projects[name]
+        for old in self.watches.pop(name, []):
+            try:
+                self.observer.unschedule(old)
+            except KeyError:
+                pass
+        self.watches[name] = watch(self.observer, self._roots(project), self.debouncers[name], self.log)
+
+    def rescan(self) -> None:
+        """Resume paused projects whose folders are back; catch missed events everywhere."""
+        for name, project in self.projects.items():
+            if not all(r.is_dir() for r in self._roots(project)):
+                self._available(name)  # logs the pause once
+                continue
+            with self._lock:
+                resumed = name in self.paused
+                self.paused.discard(name)
+            if resumed:
+                self.log.info("project_resumed", project=name)
+                self._watch(name)
+            if not self.debouncers[name].pending:  # else files are arriving: the debounced run follows
+                self.worker.request(name, "rescan")
+
+    # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
         self.worker.start()
         for name, project in self.projects.items():
-            job = project.job
-            debouncer = Debouncer(project.debounce_seconds, lambda n=name: self.worker.request(n, "change"))
-            self.debouncers[name] = debouncer
-            roots = [job.dataset] + ([job.validation] if job.validation else [])
-            watch(self.observer, roots, debouncer, self.log)
+            self.debouncers[name] = Debouncer(project.debounce_seconds,
+                                              lambda n=name: self.worker.request(n, "change"))
+            if self._available(name):
+                self._watch(name)
             self.scheduler.add_job(
                 self.worker.request, CronTrigger.from_crontab(project.schedule), args=[name, "schedule"],
                 id=f"nightly:{name}", coalesce=True, misfire_grace_time=3600,
             )
+        self.scheduler.add_job(self.rescan, IntervalTrigger(seconds=self.config.rescan_seconds), id="rescan",
+                               coalesce=True, max_instances=1)
         self.observer.start()
         self.scheduler.start()
         for name, project in self.projects.items():
@@ -106,4 +182,3 @@ class Daemon:
         self.stop()
         self.log.info("daemon_stopped")
         return 0
-

@@ -46,6 +46,8 @@ class Config:
     state_dir: Path
     log_level: str
     projects: tuple[Project, ...]
+    rescan_seconds: float = 300.0
+    retry_seconds: float = 60.0  # first retry after a failed run; doubles up to an hour
 
 
 def default_state_dir() -> Path:
@@ -54,11 +56,11 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "watchtrain"
 
 
-DAEMON_KEYS = {"state_dir", "weights", "weights_url", "log_level"}
+DAEMON_KEYS = {"state_dir", "weights", "weights_url", "log_level", "rescan_seconds", "retry_seconds"}
 PROJECT_KEYS = {
     "name", "dataset", "validation", "output", "schedule", "debounce_seconds", "validation_fraction",
     "keep_versions", "precision", "weight_bits", "minimum_deployment_target", "weights", "head",
-    "quality_tolerance", "verify_photos", "author", "license", "description", "finetune",
+    "quality_tolerance", "verify_photos", "author", "license", "description", "finetune", "settle_seconds",
 }
 HEAD_KEYS = {f.name for f in fields(HeadSettings)}
 AUGMENT_KEYS = {"augment", "views", "flip", "jitter", "crop_min_scale"}
@@ -114,9 +116,14 @@ def load(file: Path) -> Config:
     entries = data.get("project", [])
     if not isinstance(entries, list) or not entries:
         raise ConfigError(file, "project", "at least one [[project]] table is required")
+    rescan = float(_typed(file, "daemon.rescan_seconds", daemon.get("rescan_seconds", 300), (int, float)))
+    retry = float(_typed(file, "daemon.retry_seconds", daemon.get("retry_seconds", 60), (int, float)))
+    for key, value in (("rescan_seconds", rescan), ("retry_seconds", retry)):
+        if value <= 0:
+            raise ConfigError(file, f"daemon.{key}", "must be positive")
     projects = tuple(_project(file, i, e, state_dir, weights, weights_url) for i, e in enumerate(entries))
     _check_overlaps(file, projects)
-    return Config(file, state_dir, log_level, projects)
+    return Config(file, state_dir, log_level, projects, rescan, retry)
 
 
 def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | None,
@@ -174,6 +181,7 @@ def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | N
         quality_tolerance=float(_typed(file, where + "quality_tolerance", entry.get("quality_tolerance", 0.01),
                                        (int, float))),
         verify_photos=_typed(file, where + "verify_photos", entry.get("verify_photos", 16), int),
+        settle_seconds=float(_typed(file, where + "settle_seconds", entry.get("settle_seconds", 2.0), (int, float))),
         head=head, finetune=finetune, export=export.ExportOptions(precision=precision, weight_bits=bits, minimum_target=target, **texts),
     )
     debounce = _typed(file, where + "debounce_seconds", entry.get("debounce_seconds", 10.0), (int, float))

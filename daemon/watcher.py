@@ -13,6 +13,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 
 from service.dataset import is_relevant
 
@@ -33,6 +34,12 @@ class Debouncer:
             self._timer = threading.Timer(self._seconds, self._fire)
             self._timer.daemon = True
             self._timer.start()
+
+    @property
+    def pending(self) -> bool:
+        """A change was seen and its run has not been requested yet."""
+        with self._lock:
+            return self._timer is not None and self._timer.is_alive()
 
     def cancel(self) -> None:
         with self._lock:
@@ -57,7 +64,6 @@ class DatasetEventHandler(FileSystemEventHandler):
             self._debouncer.poke()
 
 
-def watch(observer: Observer, roots: list[Path], debouncer: Debouncer, log) -> None:
+def watch(observer: Observer, roots: list[Path], debouncer: Debouncer, log) -> list[ObservedWatch]:
     handler = DatasetEventHandler(roots, debouncer, log)
-    for root in roots:
-        observer.schedule(handler, str(root), recursive=True)
+    return [observer.schedule(handler, str(root), recursive=True) for root in roots]

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 # When requests merge, the stronger reason wins (a nightly run retrains fully).
-PRIORITY = {"change": 0, "startup": 1, "rescan": 1, "manual": 2, "schedule": 3, "resume": 3}
+PRIORITY = {"change": 0, "rescan": 0, "retry": 1, "startup": 1, "manual": 2, "schedule": 3, "resume": 3}
 
 
 class Worker:

@@ -79,11 +79,19 @@ def scan_folder(root: Path) -> list[Photo]:
                 path = Path(dirpath) / name
                 try:
                     st = path.stat()
-                except OSError:  # vanished, or a dangling symlink
-                    continue
-                photos.append(Photo(path, label_dir.name, path.relative_to(root).as_posix(),
-                                    st.st_size, st.st_mtime_ns))
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except FileNotFoundError:
+                    continue  # deleted since the listing: not part of the dataset any more
+                except OSError:
+                    size, mtime = -1, 0  # symlink loop and the like: kept, so reading it reports why
+                photos.append(Photo(path, label_dir.name, path.relative_to(root).as_posix(), size, mtime))
     return photos
+
+
+def unsettled(photos: list[Photo], settle_seconds: float, now_ns: int) -> list[Photo]:
+    """Photos modified within the last ``settle_seconds``: probably still being copied."""
+    cutoff = now_ns - int(settle_seconds * 1e9)
+    return [p for p in photos if p.mtime_ns > cutoff]
 
 
 def holdout(photo: Photo, fraction: float) -> bool:

@@ -142,6 +142,8 @@ def embed(
     todo: list[Photo] = []
     for photo in photos:
         try:
+            if photo.size < 0:
+                photo.path.stat()  # raises the reason (e.g. a symlink loop)
             sha = cache.content_hash(photo)
         except OSError as exc:
             _skip(report, photo, f"{photo.path}: cannot be read ({exc.strerror or exc})", on_skip)

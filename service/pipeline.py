@@ -52,6 +52,7 @@ class Job:
     keep_versions: int = 5
     quality_tolerance: float = 0.01  # may lose at most 1 point of validation accuracy
     verify_photos: int = 16  # photos the exported package is checked on before publishing
+    settle_seconds: float = 0.0  # photos modified more recently are left for the next run (daemon: 2)
     head: HeadSettings = HeadSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     export: ExportOptions = ExportOptions()
@@ -65,6 +66,7 @@ class RunResult:
     metrics_path: Path | None
     embedded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    retry_after: float | None = None  # seconds; set when photos still being written were left out
 
 
 def scan(job: Job) -> tuple[list[ds.Photo], list[ds.Photo]]:
@@ -129,6 +131,13 @@ def run(
 
     mark = time.perf_counter()
     train, val = scan(job)
+    fresh = {p.path for p in ds.unsettled(train + val, job.settle_seconds, time.time_ns())}
+    if fresh:
+        log.info("photos_not_settled", count=len(fresh), files=sorted(map(str, fresh))[:50],
+                 retry_in_seconds=job.settle_seconds)
+        train = [p for p in train if p.path not in fresh]
+        val = [p for p in val if p.path not in fresh]
+    retry_after = job.settle_seconds if fresh else None
     phases["scan"] = time.perf_counter() - mark
     log.info("run_started", reason=reason, mode=mode, n_train_files=len(train), n_val_files=len(val),
              weights=str(w.path), weights_layout=w.layout, blas=service.blas.loaded)
@@ -144,9 +153,12 @@ def run(
         log.info("embedded", count=len(report.embedded), cached=report.cached, skipped=len(report.skipped),
                  files=report.embedded[:50], seconds=round(report.seconds, 3))
 
+        found = set(ds.labels_of(train))
         train = [p for p in train if str(p.path) in vectors]
         val = [p for p in val if str(p.path) in vectors]
         labels = list(ds.labels_of(train))
+        if empty := sorted(found - set(labels)):
+            log.warning("labels_without_usable_photos", labels=empty, folder=str(job.dataset))
         ds.check_labels(tuple(labels), job.dataset)
         if dropped := sorted({p.label for p in val} - set(labels)):
             log.warning("validation_labels_without_training_photos", labels=dropped)
@@ -156,7 +168,7 @@ def run(
         if not force and previous and previous.get("dataset_fingerprint") == data_fp \
                 and previous.get("weights_sha256") == w.sha256:
             log.info("run_skipped_unchanged", version=previous["version"])
-            return RunResult("unchanged", previous, {}, None, report.embedded, report.skipped)
+            return RunResult("unchanged", previous, {}, None, report.embedded, report.skipped, retry_after)
         changes = dataset_changes(publisher, previous, train, val, hashes)
         log.info("dataset_changes", **{k: len(v) for k, v in changes.items()})
 
@@ -229,7 +241,7 @@ def run(
         metrics["phases_seconds"] = _rounded(phases)
         path = _write_metrics(job, run_id, metrics)
         log.warning("not_published", reason=gate["decision"], metrics_file=str(path))
-        return RunResult("rejected", previous, metrics, path, report.embedded, report.skipped)
+        return RunResult("rejected", previous, metrics, path, report.embedded, report.skipped, retry_after)
 
     version = publisher.next_version()
     manifest = {
@@ -280,7 +292,7 @@ def run(
     path = _write_metrics(job, run_id, metrics, publisher.version_dir(version))
     log.info("published", version=version, package=str(publisher.package), val_accuracy=summary["val_accuracy"],
              metrics_file=str(path), phases=metrics["phases_seconds"])
-    return RunResult("published", manifest, metrics, path, report.embedded, report.skipped)
+    return RunResult("published", manifest, metrics, path, report.embedded, report.skipped, retry_after)
 
 
 def backbone_for(previous: dict | None, pretrained: Path, from_pretrained: bool) -> Path:
