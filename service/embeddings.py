@@ -59,8 +59,11 @@ class EmbeddingCache:
             )
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS embedding (sha256 TEXT, weights TEXT, vector BLOB,"
-                " PRIMARY KEY (sha256, weights))"
+                " times INTEGER DEFAULT 1, PRIMARY KEY (sha256, weights))"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(embedding)")}
+            if "times" not in columns:  # caches written before the counter existed
+                self._db.execute("ALTER TABLE embedding ADD COLUMN times INTEGER DEFAULT 1")
 
     def close(self) -> None:
         self._db.close()
@@ -89,10 +92,19 @@ class EmbeddingCache:
             ).fetchone()
         return np.frombuffer(row[0], dtype=np.float32) if row else None
 
+    def embed_counts(self) -> tuple[int, int]:
+        """(number of cached embeddings, largest number of times one was computed)."""
+        with self._lock:
+            count, most = self._db.execute("SELECT count(*), coalesce(max(times), 0) FROM embedding").fetchone()
+        return int(count), int(most)
+
     def put_many(self, items: list[tuple[str, np.ndarray]], weights: str) -> None:
         with self._lock, self._db:
+            # `times` counts how often a (photo, backbone) pair was computed: the soak
+            # benchmark and tests check that it stays 1.
             self._db.executemany(
-                "INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)",
+                "INSERT INTO embedding (sha256, weights, vector) VALUES (?, ?, ?) ON CONFLICT (sha256, weights)"
+                " DO UPDATE SET vector = excluded.vector, times = times + 1",
                 [(sha, weights, np.asarray(v, np.float32).tobytes()) for sha, v in items],
             )
 

@@ -129,6 +129,11 @@ def test_sigkill_at_any_point_then_restart_finishes_the_work(daemon, subset, mom
     # Every photo was embedded exactly once across both processes.
     embedded = [f for e in d.events("embedded") for f in e["files"]]
     assert len(embedded) == len(set(embedded))
+    from service.embeddings import EmbeddingCache
+
+    cache = EmbeddingCache(d.state / "embeddings.sqlite")
+    assert cache.embed_counts() == (65, 1)  # 45 + 15 + 5 photos, none computed twice
+    cache.close()
     d.stop()
     runs = sqlite3.connect(d.state / "state.sqlite").execute("SELECT status FROM run").fetchall()
     assert ("running",) not in runs

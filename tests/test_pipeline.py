@@ -92,3 +92,23 @@ def test_stop_request_cancels_without_publishing(subset, job_for, captured):
         pipeline.run(job, log=log, should_stop=lambda: True)
     assert Publisher(job.output, job.name).current() is None
     assert not (job.output / "Subset.mlpackage").exists()
+
+
+def test_photos_still_being_written_wait_for_the_next_run(subset, job_for, captured):
+    import os
+    import time
+
+    job = job_for(subset, settle_seconds=30.0)
+    old = time.time() - 3600
+    for photo in subset["train"].rglob("*.jpg"):
+        os.utime(photo, (old, old))
+    for photo in subset["val"].rglob("*.jpg"):
+        os.utime(photo, (old, old))
+    incoming = subset["train"] / "hat" / "incoming.jpg"
+    shutil.copyfile(next(subset["extra"].iterdir()), incoming)  # mtime: now, as while copying
+    result = pipeline.run(job, log=log)
+    assert result.manifest["n_train"] == 45 and result.retry_after == 30.0
+    assert events_named(captured, "photos_not_settled")[0]["files"] == [str(incoming)]
+    os.utime(incoming, (old, old))  # the copy finished a while ago
+    result = pipeline.run(job, log=log, force=False)
+    assert result.manifest["n_train"] == 46 and result.retry_after is None
