@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
+
+from service.store import SqliteStore
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class RunHistory:
+class RunHistory(SqliteStore):
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
-        self._lock = threading.Lock()
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY, project TEXT, reason TEXT,"
-                " started_at TEXT, finished_at TEXT, status TEXT, version INTEGER, detail TEXT)"
-            )
+        super().__init__(path, [
+            "CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY, project TEXT, reason TEXT,"
+            " started_at TEXT, finished_at TEXT, status TEXT, version INTEGER, detail TEXT)",
             # A run left 'running' was interrupted by a crash or SIGKILL.
-            self._db.execute("UPDATE run SET status = 'interrupted' WHERE status = 'running'")
+            "UPDATE run SET status = 'interrupted' WHERE status = 'running'",
+        ])
 
     def start(self, project: str, reason: str) -> int:
         with self._lock, self._db:
@@ -48,6 +43,3 @@ class RunHistory:
             cur = self._db.execute(query, ((project,) if project else ()) + (limit,))
             names = [c[0] for c in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
-
-    def close(self) -> None:
-        self._db.close()

@@ -9,8 +9,6 @@ unchanged files are not even re-read to hash them.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ import mlx.core as mx
 from service.dataset import Photo
 from service.images import ImageError, load_rgb
 from service.mobilenet import FEATURE_DIM, MobileNetV2
+from service.store import SqliteStore
 
 BATCH_SIZE = 16
 DECODE_WORKERS = 2
@@ -43,30 +42,19 @@ class EmbedReport:
     seconds: float = 0.0
 
 
-class EmbeddingCache:
-    """SQLite (WAL) store; safe to open from several threads of one process."""
+class EmbeddingCache(SqliteStore):
+    """SQLite (WAL) store; safe to use from several threads of one process."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
-        self._lock = threading.Lock()
+        super().__init__(path, [
+            "CREATE TABLE IF NOT EXISTS file_hash (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)",
+            "CREATE TABLE IF NOT EXISTS embedding (sha256 TEXT, weights TEXT, vector BLOB,"
+            " times INTEGER DEFAULT 1, PRIMARY KEY (sha256, weights))",
+        ])
         with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS file_hash (path TEXT PRIMARY KEY, size INTEGER,"
-                " mtime_ns INTEGER, sha256 TEXT)"
-            )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS embedding (sha256 TEXT, weights TEXT, vector BLOB,"
-                " times INTEGER DEFAULT 1, PRIMARY KEY (sha256, weights))"
-            )
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(embedding)")}
             if "times" not in columns:  # caches written before the counter existed
                 self._db.execute("ALTER TABLE embedding ADD COLUMN times INTEGER DEFAULT 1")
-
-    def close(self) -> None:
-        self._db.close()
 
     def content_hash(self, photo: Photo) -> str:
         """sha256 of the photo's bytes, reusing the stored one while size and mtime match."""

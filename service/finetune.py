@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,7 @@ from service.dataset import Photo
 from service.embeddings import Cancelled
 from service.images import ImageError, open_rgb
 from service.mobilenet import MobileNetV2
+from service.store import SqliteStore
 
 N_FEATURES = 19  # stem, 17 inverted residual blocks, final 1x1 conv
 
@@ -68,18 +67,13 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-class FeatureCache:
+class FeatureCache(SqliteStore):
     """Frozen-front outputs by (content sha256, backbone sha256, split, view), float16."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
-        self._lock = threading.Lock()
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS feature (sha256 TEXT, backbone TEXT, split INTEGER, view INTEGER,"
-                " shape TEXT, data BLOB, PRIMARY KEY (sha256, backbone, split, view))")
+        super().__init__(path, [
+            "CREATE TABLE IF NOT EXISTS feature (sha256 TEXT, backbone TEXT, split INTEGER, view INTEGER,"
+            " shape TEXT, data BLOB, PRIMARY KEY (sha256, backbone, split, view))"])
 
     def get(self, sha: str, backbone: str, split: int, view_index: int) -> np.ndarray | None:
         with self._lock:
@@ -94,9 +88,6 @@ class FeatureCache:
             self._db.executemany("INSERT OR REPLACE INTO feature VALUES (?, ?, ?, ?, ?, ?)",
                                  [(s, b, sp, v, json.dumps(list(a.shape)), a.astype(np.float16).tobytes())
                                   for s, b, sp, v, a in rows])
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def front_features(model: MobileNetV2, backbone_sha: str, split: int, photos: list[Photo], hashes: dict[str, str],
