@@ -68,7 +68,7 @@ class FinetuneResult:
 
 
 class FeatureCache(SqliteStore):
-    """Frozen-front outputs by (content sha256, backbone sha256, split, view), float16."""
+    """Frozen-front outputs by (content sha256, front fingerprint, split, view), float16."""
 
     def __init__(self, path: Path):
         super().__init__(path, [
@@ -132,6 +132,19 @@ def front_features(model: MobileNetV2, backbone_sha: str, split: int, photos: li
             flush()
     flush()
     return {k: np.stack(v) for k, v in out.items()}, computed
+
+
+def front_fingerprint(model: MobileNetV2, split: int) -> str:
+    """Identity of the frozen front: its tensors and how the input is normalized and padded.
+
+    Nightly runs only change the layers from ``split`` on, so the front (and its cached
+    outputs) stays the same from one night to the next.
+    """
+    digest = hashlib.sha256(f"{model.spec.padding}:{model.spec.normalization}:{split}".encode())
+    for name, array in sorted(tree_flatten([layer.parameters() for layer in model.features[:split]])):
+        digest.update(name.encode())
+        digest.update(np.array(array).tobytes())
+    return digest.hexdigest()
 
 
 class Tail(nn.Module):
@@ -305,12 +318,13 @@ def nightly(model: MobileNetV2, backbone_sha: str, train: list[Photo], val: list
     """
     split = settings.split
     n_views = settings.augment.n_views
+    front_key = front_fingerprint(model, split)
     cache = FeatureCache(state_dir / "features.sqlite")
     try:
         skip = lambda photo, why: log.warning("photo_skipped", file=str(photo.path), reason=why)  # noqa: E731
-        front_train, computed = front_features(model, backbone_sha, split, train, hashes, cache, settings.augment,
+        front_train, computed = front_features(model, front_key, split, train, hashes, cache, settings.augment,
                                                n_views, should_stop, skip)
-        front_val, computed_val = front_features(model, backbone_sha, split, val, hashes, cache, settings.augment, 1,
+        front_val, computed_val = front_features(model, front_key, split, val, hashes, cache, settings.augment, 1,
                                                  should_stop, skip)
     finally:
         cache.close()

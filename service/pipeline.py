@@ -296,10 +296,12 @@ def run(
 
 
 def backbone_for(previous: dict | None, pretrained: Path, from_pretrained: bool) -> Path:
-    """The backbone a run starts from: the published model's fine-tuned one, else the pretrained weights."""
+    """The backbone a run starts from: the published model's fine-tuned one (kept by every
+    incremental run after a nightly one), else the configured pretrained weights."""
     if previous and not from_pretrained:
         path = Path(previous.get("backbone", ""))
-        if previous.get("mode") == "nightly" and path.is_file():
+        fine_tuned = previous.get("weights_sha256") != previous.get("pretrained_sha256")
+        if fine_tuned and path.is_file():
             return path
     return pretrained
 

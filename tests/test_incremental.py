@@ -108,6 +108,18 @@ def test_nightly_then_incremental_embeds_only_new_photos(subset, job_for, captur
     assert after.metrics["training"]["warm_start"] is True
     assert after.manifest["metrics"]["val_accuracy"] >= nightly.manifest["metrics"]["val_accuracy"] - 0.01
 
+    next(iter((subset["train"] / "pants").iterdir())).unlink()
+    later = pipeline.run(job, log=log, reason="change", force=False)
+    assert later.manifest["weights_sha256"] == nightly.manifest["weights_sha256"]  # still the fine-tuned backbone
+    assert later.embedded == [] and later.metrics["training"]["warm_start"] is True
+
+    # The next night continues from this backbone; its frozen front is unchanged, so only
+    # the 5 new photos (2 views each) go through it.
+    again = pipeline.run(job, log=log, reason="schedule", mode="nightly")
+    assert again.metrics["training"]["front_features_computed"] == 5 * 2
+    assert again.status in ("published", "rejected")
+    assert again.metrics["training"]["backbone"] != nightly.manifest["backbone"]
+
 
 def test_nightly_resumes_after_interruption(subset, job_for, captured):
     job = job_for(subset, finetune=FinetuneSettings(epochs=6, patience=6, augment=AugmentSettings(views=2)))
