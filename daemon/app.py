@@ -8,6 +8,7 @@ missed (overflow, network volumes).
 
 from __future__ import annotations
 
+import fcntl
 import signal
 import threading
 from pathlib import Path
@@ -167,7 +168,15 @@ class Daemon:
         self.history.close()
 
     def run_forever(self) -> int:
-        """Run until SIGTERM or SIGINT; returns the process exit code."""
+        """Run until SIGTERM or SIGINT; returns the process exit code (1: another daemon holds the state)."""
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.config.state_dir / "daemon.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.log.error("already_running", state_dir=str(self.config.state_dir),
+                           hint="another watchtrain daemon uses this state_dir; stop it first")
+            return 1
         def on_signal(signum: int, _frame) -> None:
             self.log.info("stopping", signal=signal.Signals(signum).name)
             self.stop_event.set()

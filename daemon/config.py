@@ -87,9 +87,30 @@ def _typed(file: Path, key: str, value: Any, kind: type | tuple[type, ...]) -> A
         kinds += (int,)
     ok = isinstance(value, bool) if bool in kinds else not isinstance(value, bool) and isinstance(value, kinds)
     if not ok:
-        names = " or ".join(k.__name__ for k in kinds)
+        names = "number" if float in kinds else " or ".join(k.__name__ for k in kinds)
         raise ConfigError(file, key, f"must be a {names}, not {value!r}")
     return float(value) if float in kinds and int in kinds and kind is float else value
+
+
+# (low, high, low_inclusive): allowed ranges of numeric settings, by key.
+RANGES = {
+    "debounce_seconds": (0, None, True), "settle_seconds": (0, None, True), "verify_photos": (1, None, True),
+    "quality_tolerance": (0, 1, True), "keep_versions": (1, None, True), "epochs": (1, None, True),
+    "learning_rate": (0, None, False), "weight_decay": (0, None, True), "batch_size": (1, None, True),
+    "dropout": (0, 0.99, True), "label_smoothing": (0, 0.99, True), "patience": (1, None, True),
+    "warmup_epochs": (0, None, True), "views": (1, None, True), "jitter": (0, 0.99, True),
+    "crop_min_scale": (0, 1, False), "validation_fraction": (0, 0.99, True),
+}
+
+
+def _check_ranges(file: Path, where: str, table: dict) -> None:
+    for key, value in table.items():
+        if key in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high, inclusive = RANGES[key]
+            if (value < low or (value == low and not inclusive)) or (high is not None and value > high):
+                bound = f">= {low}" if inclusive else f"> {low}"
+                raise ConfigError(file, where + key, f"must be {bound}" + (f" and <= {high}" if high else "")
+                                  + f", not {value!r}")
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -101,9 +122,9 @@ def load(file: Path) -> Config:
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(file, "-", "config file does not exist") from None
+        raise ConfigError(file, "file", "config file does not exist") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "-", f"not valid TOML ({exc})") from None
+        raise ConfigError(file, "file", f"not valid TOML ({exc})") from None
     _unknown(file, "", data, {"daemon", "project"})
     daemon = data.get("daemon", {})
     _unknown(file, "daemon.", daemon, DAEMON_KEYS)
@@ -130,6 +151,9 @@ def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | N
              weights_url: str) -> Project:
     where = f"project[{i}]."
     _unknown(file, where, entry, PROJECT_KEYS)
+    _check_ranges(file, where, entry)
+    _check_ranges(file, where + "head.", entry.get("head", {}) if isinstance(entry.get("head"), dict) else {})
+    _check_ranges(file, where + "finetune.", entry.get("finetune", {}) if isinstance(entry.get("finetune"), dict) else {})
     for key in ("name", "dataset", "output"):
         if key not in entry:
             raise ConfigError(file, where + key, "is required")

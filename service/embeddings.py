@@ -128,6 +128,7 @@ def embed(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     on_skip: Callable[[Photo, str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> tuple[dict[str, np.ndarray], dict[str, str], EmbedReport]:
     """Embeddings for ``photos``: ``({path: vector}, {path: sha256}, report)``.
@@ -157,6 +158,7 @@ def embed(
             todo.append(photo)
 
     forward = mx.compile(model.embed)
+    skipped_before = len(report.skipped)
     with ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode") as pool:
         decoded = _prefetch(pool, todo, ahead=3 * batch_size)
         for batch in _batches(todo, batch_size):
@@ -178,6 +180,8 @@ def embed(
             for photo, vector in zip(kept, out):
                 vectors[str(photo.path)] = vector
                 report.embedded.append(str(photo.path))
+            if on_progress is not None:
+                on_progress(len(report.embedded) + len(report.skipped) - skipped_before, len(todo))
     report.seconds = time.perf_counter() - start
     assert all(v.shape == (FEATURE_DIM,) for v in vectors.values())
     return vectors, hashes, report

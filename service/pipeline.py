@@ -122,6 +122,8 @@ def run(
     publisher = Publisher(job.output, job.name, job.keep_versions)
     if removed := publisher.clean_tmp():
         log.info("removed_stale_staging", count=removed)
+    if recovered := publisher.recover():
+        log.info("finished_interrupted_publish", version=recovered["version"])
     previous = publisher.current()
 
     mark = time.perf_counter()
@@ -148,6 +150,7 @@ def run(
         vectors, hashes, report = embed(
             model, w.sha256, train + val, cache, should_stop=should_stop,
             on_skip=lambda photo, why: log.warning("photo_skipped", file=str(photo.path), reason=why),
+            on_progress=_progress_logger(log),
         )
         phases["embed"] = time.perf_counter() - mark
         log.info("embedded", count=len(report.embedded), cached=report.cached, skipped=len(report.skipped),
@@ -180,10 +183,10 @@ def run(
 
         mark = time.perf_counter()
         if mode == "nightly":
-            if init is None:  # a linear probe is a far better start than a random head
-                quick = train_head(x_train, y_train, x_val, y_val, len(labels), job.head, should_stop=should_stop)
-                init = (quick.weight, quick.bias)
-            deep = finetune.nightly(model, w.sha256, train, val, hashes, y_train, y_val, labels, init, job.finetune,
+            # The head is trained from scratch with the blocks: starting from the published
+            # head measured worse (it pins the features where they were).
+            init = None
+            deep = finetune.nightly(model, w.sha256, train, val, hashes, y_train, y_val, labels, job.finetune,
                                     job.state_dir, job.name, data_fp, log, should_stop)
             train = [train[i] for i in deep.kept_train]
             val = [val[i] for i in deep.kept_val]
@@ -364,6 +367,18 @@ def warm_start_head(prev: tuple[np.ndarray, np.ndarray], previous: dict, labels:
 
 def _jsonable(settings: Any) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(settings), default=str))
+
+
+def _progress_logger(log: Any, every_seconds: float = 30.0) -> Callable[[int, int], None]:
+    """Log embedding progress at most every ``every_seconds`` (a first run takes minutes)."""
+    last = [time.monotonic()]
+
+    def report(done: int, total: int) -> None:
+        if time.monotonic() - last[0] >= every_seconds or done == total:
+            last[0] = time.monotonic()
+            log.info("embedding_progress", done=done, total=total)
+
+    return report
 
 
 def _rounded(phases: dict[str, float]) -> dict[str, float]:

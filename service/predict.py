@@ -34,7 +34,9 @@ def locate(model: str, output: Path | None = None) -> Publisher:
 def load_published(publisher: Publisher) -> Loaded:
     manifest = publisher.current()
     if manifest is None:
-        raise FileNotFoundError(f"no published model {publisher.manifest_path}")
+        raise FileNotFoundError(
+            f"no model named {publisher.name!r} is published in {publisher.output} (no {publisher.manifest_path.name}); "
+            "pass OUTPUT_DIR/NAME.mlpackage, or NAME with --output OUTPUT_DIR")
     net, _ = weights.load(publisher.mlx_weights(manifest["version"]))
     return Loaded(net, list(manifest["labels"]), int(manifest["version"]))
 

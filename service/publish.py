@@ -153,15 +153,39 @@ class Publisher:
         version_dir = self.version_dir(manifest["version"])
         version_dir.parent.mkdir(parents=True, exist_ok=True)
         os.rename(staged, version_dir)  # history entry appears complete or not at all
+        # From here on the version is decided: a crash before the manifest is written is
+        # finished by recover() at the next start.
+        self._install(version_dir, manifest)
+        return manifest
 
+    def _install(self, version_dir: Path, manifest: dict[str, Any]) -> None:
+        """Make a complete history entry the published model."""
         incoming = self.staging() / f"{self.name}.mlpackage"
-        shutil.copytree(version_dir / package.name, incoming)
+        shutil.copytree(version_dir / f"{self.name}.mlpackage", incoming)
         fsync_tree(incoming)
         self._replace_package(incoming)
         self._retire(incoming.parent)
         write_json_atomic(self.manifest_path, manifest)
         self.prune()
-        return manifest
+
+    def recover(self) -> dict[str, Any] | None:
+        """Finish a publish that a crash interrupted after its history entry was complete.
+
+        Returns the manifest it published, or None when there was nothing to finish.
+        """
+        published = (self.current() or {}).get("version", 0)
+        entries = sorted((p for p in self.versions.glob("v*") if p.name[1:].isdigit()), reverse=True)
+        for entry in entries:
+            if int(entry.name[1:]) <= published:
+                break
+            try:
+                manifest = json.loads((entry / f"{self.name}.json").read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            if manifest.get("package_sha256") == tree_sha256(entry / f"{self.name}.mlpackage"):
+                self._install(entry, manifest)
+                return manifest
+        return None
 
     def _replace_package(self, incoming: Path) -> None:
         if not self.package.exists():

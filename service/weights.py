@@ -61,7 +61,7 @@ def resolve(configured: Path | None, url: str | None = DEFAULT_WEIGHTS_URL, log=
     """Weights path: the configured one, $WATCHTRAIN_WEIGHTS, the user cache, else a download."""
     if configured is not None:
         if not Path(configured).is_file():
-            raise WeightsError(f"weights file {configured} (from the config) does not exist")
+            raise WeightsError(f"weights file {configured} (configured with `weights` or --weights) does not exist")
         return Path(configured)
     env = os.environ.get("WATCHTRAIN_WEIGHTS")
     if env:

@@ -45,7 +45,7 @@ def test_clear_errors(tmp_path, weights_path):
                        "--weights", str(weights_path), "--state-dir", str(tmp_path / "s"))
     assert done.returncode == 1 and "nowhere" in done.stderr and "does not exist" in done.stderr
     done = _watchtrain("predict", str(tmp_path / "Missing.mlpackage"), str(tmp_path / "x.jpg"))
-    assert done.returncode == 1 and "Missing.json" in done.stderr
+    assert done.returncode == 1 and "'Missing' is published" in done.stderr and "--output" in done.stderr
     done = _watchtrain("train", str(tmp_path), "--output", str(tmp_path / "o"), "--name", "X",
                        "--state-dir", str(tmp_path / "s"),
                        env={"WATCHTRAIN_WEIGHTS": str(tmp_path / "none.safetensors")})

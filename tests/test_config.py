@@ -64,7 +64,13 @@ learning_rate = 0.01
     ('[[project]]\nname = "M"\noutput = "out"\n', "project[0].dataset", "required"),
     ('[[project]]\nname = "M"\ndataset = "data"\noutput = "out"\n[project.head]\nepochs = "many"\n',
      "project[0].head.epochs", "must be"),
-    ("[[project]\n", "-", "not valid TOML"),
+    ("[[project]\n", "file", "not valid TOML"),
+    ('[[project]]\nname = "M"\ndataset = "data"\noutput = "out"\ndebounce_seconds = -3\n',
+     "project[0].debounce_seconds", "must be >= 0"),
+    ('[[project]]\nname = "M"\ndataset = "data"\noutput = "out"\n[project.head]\nbatch_size = 0\n',
+     "project[0].head.batch_size", "must be >= 1"),
+    ('[[project]]\nname = "M"\ndataset = "data"\noutput = "out"\n[project.finetune]\nviews = 0\n',
+     "project[0].finetune.views", "must be >= 1"),
     ("", "project", "at least one"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, body, key, message):

@@ -188,3 +188,13 @@ def test_a_thousand_photos_start_one_run(daemon, subset):
     assert [e["reason"] for e in started if e["reason"] == "change"] == ["change"]
     assert d.consistent()["n_train"] == 1045
     d.stop()
+
+
+def test_second_daemon_on_the_same_state_refuses_to_start(daemon):
+    d = daemon().start()
+    d.wait(lambda: d.version() == 1)
+    second = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(d.config)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and "already_running" in second.stderr
+    assert d.proc.poll() is None  # the first one is unaffected
+    d.stop()

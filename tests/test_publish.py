@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -59,3 +60,18 @@ def test_published_files_are_world_readable(tmp_path):
     os.chmod(staged / "M.mlpackage" / "Manifest.json", 0o600)
     pub.publish(staged, {"version": 1})
     assert (pub.package / "Manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_publish_interrupted_after_the_history_entry_is_finished_by_recover(tmp_path):
+    pub = Publisher(tmp_path, "M")
+    pub.publish(_stage(pub, "v1"), {"version": 1})
+    # Simulate a crash right after the history rename: v2 is complete in the history only.
+    staged = _stage(pub, "v2")
+    manifest = {"version": 2, "package_sha256": tree_sha256(staged / "M.mlpackage")}
+    (staged / "M.json").write_text(json.dumps(manifest))
+    os.rename(staged, pub.version_dir(2))
+    assert pub.current()["version"] == 1
+    assert pub.recover()["version"] == 2
+    assert pub.current()["version"] == 2 and (pub.package / "Manifest.json").read_text() == "v2"
+    assert pub.recover() is None  # nothing left to finish
+    assert pub.next_version() == 3

@@ -54,7 +54,7 @@ def clothing_model(weights_path):
         vectors, _, _ = embed(model, info.sha256, photos, cache)
         cache.close()
     x, y = matrix(vectors, photos, labels)
-    head = train_head(x, y, x[:0], y[:0], len(labels), HeadSettings(epochs=60))
+    head = train_head(x, y, x[:0], y[:0], len(labels), HeadSettings(epochs=300))
     return weights.with_head(model, mx.array(head.weight), mx.array(head.bias)), labels
 
 
@@ -72,7 +72,7 @@ def test_trained_head_agrees_on_100_validation_photos(clothing_model, validation
     reference = probabilities_of_pixels(model, pixels)
     package = export.export(model, labels, tmp_path / "Clothing.mlpackage", export.ExportOptions(precision=precision))
     report = verify.verify(package, reference, pixels, names, labels)
-    assert report.n == 100 and report.top1_agreement == 1.0, report.mismatches
+    assert report.n == 100 and report.top1_agreement == 1.0, (report.mismatches, report.ambiguous)
     assert report.max_abs_diff <= {"float32": 1e-4, "float16": 2e-2}[precision]
 
 
@@ -100,7 +100,7 @@ def test_8bit_weights_are_smaller_and_still_agree(imagenet, tmp_path):
     size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
     assert size(small) < 0.6 * size(full)
     report = verify.verify(small, reference, pixels, names, labels)
-    assert report.precision == "int8" and report.ok and report.top1_agreement == 1.0
+    assert report.precision == "int8" and report.ok and report.top1_agreement == 1.0 and not report.ambiguous
     with pytest.raises(ValueError, match="iOS16"):
         export.export(model, labels, tmp_path / "X.mlpackage", export.ExportOptions(weight_bits=8))
 
@@ -184,3 +184,11 @@ def test_spec_is_what_xcode_expects(imagenet, tmp_path):
     assert verify.load_program(package).labels == labels
     assert spec.specificationVersion == 6  # iOS 15 / macOS 12
     shutil.rmtree(package)
+
+
+def test_near_tie_flip_is_ambiguous_not_a_failure():
+    want = np.array([[0.50, 0.49, 0.01], [0.9, 0.05, 0.05]], np.float32)
+    got = np.array([[0.49, 0.50, 0.01], [0.05, 0.9, 0.05]], np.float32)
+    failed, ambiguous = verify._mismatches(["tie", "clear"], got, want, "float16")
+    assert (failed, ambiguous) == (["clear"], ["tie"])
+    assert verify._mismatches(["tie"], got[:1], want[:1], "float32") == (["tie"], [])
