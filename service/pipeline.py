@@ -183,10 +183,12 @@ def run(
 
         mark = time.perf_counter()
         if mode == "nightly":
-            # The head is trained from scratch with the blocks: starting from the published
-            # head measured worse (it pins the features where they were).
-            init = None
-            deep = finetune.nightly(model, w.sha256, train, val, hashes, y_train, y_val, labels, job.finetune,
+            # Start the head from the published one (same backbone and labels) or a linear
+            # probe: a random head needs many more steps and fails on small datasets.
+            if init is None:
+                quick = train_head(x_train, y_train, x_val, y_val, len(labels), job.head, should_stop=should_stop)
+                init = (quick.weight, quick.bias)
+            deep = finetune.nightly(model, w.sha256, train, val, hashes, y_train, y_val, labels, init, job.finetune,
                                     job.state_dir, job.name, data_fp, log, should_stop)
             train = [train[i] for i in deep.kept_train]
             val = [val[i] for i in deep.kept_val]
