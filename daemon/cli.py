@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--limit", type=int, help="use at most this many photos")
     check.add_argument("--json", action="store_true")
 
+    bench = sub.add_parser("bench", help="images/s of decoding, embedding and a fine-tuning step (vs PyTorch if installed)")
+    bench.add_argument("--images", type=Path, required=True, help="folder of photos (searched recursively)")
+    bench.add_argument("--weights", type=Path, help="MobileNetV2 .safetensors (default: as for train)")
+    bench.add_argument("--photos", type=int, default=64, help="photos to decode (default 64)")
+    bench.add_argument("--batch", type=int, default=16, help="embedding batch (default: the one watchtrain uses)")
+    bench.add_argument("--train-batch", type=int, default=64, help="fine-tuning batch (default 64)")
+    bench.add_argument("--seconds", type=float, default=3.0, help="least time spent on each figure")
+    bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer even if it is installed")
+    bench.add_argument("--json", action="store_true")
+
     service = sub.add_parser("service", help="manage the launchd LaunchAgent (macOS)")
     service.add_argument("action", choices=("install", "uninstall", "status"))
     service.add_argument("--config", type=Path, help="config file the agent runs with (install)")
@@ -174,6 +184,27 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from service import benchmark, weights
+
+    model, _ = weights.load(weights.resolve(args.weights, None))
+    result = benchmark.run(args.images, photos=args.photos, batch=args.batch, train_batch=args.train_batch,
+                           min_seconds=args.seconds, model=model, torch_peer=not args.no_torch)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"decode + resize: {result['decode']['ips']} photos/s ({result['decode']['workers']} workers)")
+    for key, title in (("embed", f"embedding (batch {result['batch']})"),
+                       ("train_step", f"fine-tuning step (batch {result['train_batch']}, {result['blocks']} blocks)")):
+        row = result[key]
+        peer = (f"PyTorch {row['torch_ips']} images/s, MLX/PyTorch {row['ratio']}" if row["torch_ips"]
+                else "PyTorch not installed (pip install 'watchtrain[bench]')")
+        print(f"{title}: MLX {row['mlx_ips']} images/s; {peer}")
+    print(f"float32 matmul: {result['matmul_gflops']} GFLOPS (BLAS: {result['blas'] or 'bundled'}); "
+          f"peak RSS {result['peak_rss_mb']} MB")
+    return 0
+
+
 def _cmd_service(args: argparse.Namespace) -> int:
     from daemon import launchagent
 
@@ -201,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.weights import WeightsError
 
     handlers = {"run": _cmd_run, "train": _cmd_train, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
-                "verify": _cmd_verify, "service": _cmd_service}
+                "verify": _cmd_verify, "bench": _cmd_bench, "service": _cmd_service}
     try:
         return handlers[args.command](args)
     except (ConfigError, DatasetError, WeightsError, ImageError, VerificationError, FileNotFoundError) as exc:

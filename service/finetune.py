@@ -224,6 +224,22 @@ def checkpoint_key(settings: FinetuneSettings, backbone_sha: str, data_fingerpri
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def train_step(tail: Tail, optimizer: optim.Optimizer,
+               label_smoothing: float) -> tuple[Callable[[mx.array, mx.array], mx.array], list[Any]]:
+    """A compiled optimizer step on one batch and the state to evaluate after it (``mx.eval(loss, state)``)."""
+    loss_and_grad = nn.value_and_grad(tail, lambda m, x, y: nn.losses.cross_entropy(
+        m(x), y, label_smoothing=label_smoothing, reduction="mean"))
+    state = [tail.state, optimizer.state, mx.random.state]  # random: fresh dropout masks
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x: mx.array, y: mx.array) -> mx.array:
+        loss, grads = loss_and_grad(tail, x, y)
+        optimizer.update(tail, grads)
+        return loss
+
+    return step, state
+
+
 def finetune(tail: Tail, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              settings: FinetuneSettings, checkpoint: Checkpoint, should_stop: Callable[[], bool],
              log: Any) -> FinetuneResult:
@@ -239,8 +255,6 @@ def finetune(tail: Tail, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nda
          optim.cosine_decay(settings.learning_rate, max(1, total - warmup), settings.learning_rate / 100)],
         [max(1, warmup)])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=settings.weight_decay)
-    loss_and_grad = nn.value_and_grad(tail, lambda m, x, y: nn.losses.cross_entropy(
-        m(x), y, label_smoothing=settings.label_smoothing, reduction="mean"))
     optimizer.init(tail.trainable_parameters())
     tail.train()
     best_acc, best_epoch, history, start = _accuracy(tail, x_val, y_val), 0, [], 1
@@ -253,14 +267,7 @@ def finetune(tail: Tail, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nda
         best = {k[5:]: v for k, v in arrays.items() if k.startswith("best.")}
         best_acc, best_epoch, history, start = info["best_acc"], info["best_epoch"], info["history"], info["epoch"] + 1
         log.info("finetune_resumed", from_epoch=info["epoch"], best_val_accuracy=best_acc)
-    state = [tail.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x: mx.array, y: mx.array) -> mx.array:
-        loss, grads = loss_and_grad(tail, x, y)
-        optimizer.update(tail, grads)
-        return loss
-
+    step, state = train_step(tail, optimizer, settings.label_smoothing)
     resumed_from = start - 1
     reason = "max_epochs"
     epoch = start - 1

@@ -63,6 +63,10 @@ def pads_for(stride: int, padding: str) -> tuple[int, int]:
     return (1, 1)
 
 
+def _relu6(x: mx.array) -> mx.array:
+    return mx.minimum(mx.maximum(x, 0.0), 6.0)
+
+
 def _shifted(x: mx.array, stride: int, pads: tuple[int, int]) -> list[mx.array]:
     """The nine strided 3x3 windows of NHWC ``x``, in (kh, kw) order."""
     x = mx.pad(x, [(0, 0), pads, pads, (0, 0)])
@@ -88,7 +92,7 @@ class Conv3x3(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         cols = mx.concatenate(_shifted(x, self.stride, self.pads), axis=-1)
         w = self.weight.reshape(self.weight.shape[0], -1)
-        return nn.relu6(cols @ w.T + self.bias)
+        return _relu6(mx.addmm(self.bias, cols, w.T))
 
 
 class Depthwise3x3(nn.Module):
@@ -107,7 +111,7 @@ class Depthwise3x3(nn.Module):
         y = windows[0] * taps[0]
         for k in range(1, 9):
             y = y + windows[k] * taps[k]
-        return nn.relu6(y + self.bias)
+        return _relu6(y + self.bias)
 
 
 class Pointwise(nn.Module):
@@ -120,8 +124,10 @@ class Pointwise(nn.Module):
         self.relu6 = relu6
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = x @ self.weight.T + self.bias
-        return nn.relu6(y) if self.relu6 else y
+        # The bias goes into the GEMM and relu6 clips with scalars: a broadcast [C] operand
+        # would send MLX's CPU backend down its slow strided elementwise path.
+        y = mx.addmm(self.bias, x, self.weight.T)
+        return _relu6(y) if self.relu6 else y
 
 
 class InvertedResidual(nn.Module):
@@ -146,9 +152,11 @@ class MobileNetV2(nn.Module):
         super().__init__()
         self.spec = spec
         mean, std = NORMALIZATIONS[spec.normalization]
-        # Leading underscore: constants, not parameters.
-        self._mean = mx.array(mean)
-        self._inv_std = 1.0 / mx.array(std)
+        # Leading underscore: constants, not parameters. Equal per-channel values (inception)
+        # stay Python scalars, which keeps MLX's CPU elementwise kernels on their fast path.
+        uniform = len(set(mean)) == 1 and len(set(std)) == 1
+        self._mean = mean[0] if uniform else mx.array(mean)
+        self._inv_std = 1.0 / std[0] if uniform else 1.0 / mx.array(std)
         cin = 32
         self.features = [Conv3x3(3, cin, 2, spec.padding)]
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
