@@ -24,6 +24,7 @@ from daemon.config import Config, Project
 from daemon.state import RunHistory
 from daemon.watcher import Debouncer, watch
 from daemon.worker import Worker
+import service.cpu
 from service import pipeline
 from service.embeddings import Cancelled
 
@@ -74,6 +75,8 @@ class Daemon:
                 # Photos still being written were left out; look again once they settle
                 # (through the debouncer, so a copy still in progress keeps deferring it).
                 self._later(result.retry_after, self.debouncers[name].poke)
+        finally:
+            service.cpu.release_memory()  # idle until the next run: give MLX's buffer cache back
 
     def _retry_later(self, name: str, reason: str, exc: Exception) -> None:
         attempt = self.failures.get(name, 0)

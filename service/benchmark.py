@@ -22,6 +22,7 @@ import service
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from service import native
 from service.dataset import is_candidate
 from service.embeddings import BATCH_SIZE, DECODE_WORKERS
 from service.finetune import N_FEATURES, Tail, train_step
@@ -82,6 +83,8 @@ def _mlx_train_step(model: MobileNetV2, split: int, n_labels: int) -> Callable[[
 def run(images: Path, *, photos: int = 64, batch: int = BATCH_SIZE, train_batch: int = 64, blocks: int = 3,
         min_seconds: float = 3.0, model: MobileNetV2, torch_peer: bool = True) -> dict[str, Any]:
     """Measure every stage on up to ``photos`` photos from ``images``; see the module docstring."""
+    service.cpu.use_buffer_cache()
+    native.kernel()
     paths = find_photos(images, photos)
     start = time.perf_counter()
     pixels = decode_all(paths)
@@ -104,7 +107,7 @@ def run(images: Path, *, photos: int = 64, batch: int = BATCH_SIZE, train_batch:
 
     out: dict[str, Any] = {
         "photos": len(paths), "batch": batch, "train_batch": train_batch, "blocks": blocks,
-        "blas": service.blas.loaded, "mlx_device": str(mx.default_device()),
+        "blas": service.cpu.loaded, "native_kernel": native.status, "mlx_device": str(mx.default_device()),
         "decode": {"ips": round(decode_ips, 2), "workers": DECODE_WORKERS},
         "embed": {"mlx_ips": round(mx_embed_ips, 2), "torch_ips": None, "ratio": None},
         "train_step": {"mlx_ips": round(mx_train_ips, 2), "torch_ips": None, "ratio": None},

@@ -24,7 +24,7 @@ import service
 import mlx.core as mx
 
 from service import dataset as ds
-from service import evaluation, export, finetune, verify, weights
+from service import evaluation, export, finetune, native, verify, weights
 from service.embeddings import EmbeddingCache, embed
 from service.export import ExportOptions
 from service.images import load_rgb
@@ -115,6 +115,7 @@ def run(
     """
     if mode not in ("incremental", "nightly"):
         raise ValueError(f"unknown mode {mode!r}")
+    service.cpu.use_buffer_cache()
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     log = log.bind(project=job.name, run_id=run_id)
     phases: dict[str, float] = {}
@@ -141,8 +142,9 @@ def run(
         val = [p for p in val if p.path not in fresh]
     retry_after = job.settle_seconds if fresh else None
     phases["scan"] = time.perf_counter() - mark
+    native.kernel()  # build or load it now, so that run_started says which depthwise path runs
     log.info("run_started", reason=reason, mode=mode, n_train_files=len(train), n_val_files=len(val),
-             weights=str(w.path), weights_layout=w.layout, blas=service.blas.loaded)
+             weights=str(w.path), weights_layout=w.layout, blas=service.cpu.loaded, native_kernel=native.status)
 
     mark = time.perf_counter()
     cache = EmbeddingCache(job.state_dir / "embeddings.sqlite")
