@@ -225,6 +225,8 @@ def _cmd_service(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command not in ("run", "train"):  # those set up logging themselves; here stdout is for results
+        logs.configure("warning", json=not sys.stderr.isatty())
     from daemon.config import ConfigError
     from service.dataset import DatasetError
     from service.images import ImageError

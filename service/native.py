@@ -59,7 +59,7 @@ def _load() -> tuple[ModuleType | None, str]:
         module = _import(path)
         _self_test(module)
     except Exception as exc:  # any failure means: run the pure-MLX formulation
-        return None, f"unavailable: {type(exc).__name__}: {str(exc).strip()[-600:]}"
+        return None, f"unavailable: {type(exc).__name__}: {str(exc).strip()[:600]}"
     return module, f"loaded {path}"
 
 
@@ -105,7 +105,9 @@ def build() -> Path:
                      [cmake, "--build", str(work), "-j", str(os.cpu_count() or 2)]):
             done = subprocess.run(args, capture_output=True, text=True, timeout=900)
             if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(args[:2])} failed: {(done.stdout + done.stderr)[-1500:]}")
+                output = (done.stdout + done.stderr).splitlines()
+                errors = [line for line in output if "error" in line.lower()][:5] or output[-5:]
+                raise RuntimeError(f"`cmake {args[1]}` failed (exit {done.returncode}): " + " | ".join(errors))
         built = next(work.glob(f"{MODULE}*.so"))
         tmp = out / (built.name + ".tmp")
         shutil.copy2(built, tmp)
