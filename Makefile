@@ -4,6 +4,8 @@ VENV   ?= .venv
 SHARED ?= ../shared
 CONFIG ?= watchtrain.toml
 BIN    := $(VENV)/bin
+# Benchmarks compare against PyTorch, which never goes into the runtime environment.
+BENCH_VENV ?= .venv-bench
 
 .PHONY: setup system-deps run test bench clean
 
@@ -37,9 +39,19 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-bench: setup
-	$(BIN)/python benchmarks/nightly_clothing.py
-	$(BIN)/python benchmarks/export_variants.py
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q -e '.[bench]'
+	touch $@
+
+# Speed against PyTorch in one process, then the daemon's latency and the accuracy benchmarks.
+bench: system-deps $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/watchtrain bench --images $(SHARED)/datasets/clothing-small/validation \
+	  --weights $(SHARED)/weights/mobilenet_v2_imagenet.safetensors
+	$(BENCH_VENV)/bin/python benchmarks/incremental_latency.py
+	$(BENCH_VENV)/bin/python benchmarks/nightly_clothing.py
+	$(BENCH_VENV)/bin/python benchmarks/export_variants.py
 
 clean:
-	rm -rf $(VENV) output .watchtrain-state *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) output .watchtrain-state *.egg-info
