@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--photos", type=int, default=64, help="photos to decode (default 64)")
     bench.add_argument("--batch", type=int, default=16, help="embedding batch (default: the one watchtrain uses)")
     bench.add_argument("--train-batch", type=int, default=64, help="fine-tuning batch (default 64)")
-    bench.add_argument("--seconds", type=float, default=3.0, help="least time spent on each figure")
+    bench.add_argument("--seconds", type=float, default=3.0, help="least time spent on each figure per round")
+    bench.add_argument("--rounds", type=int, default=2, help="MLX and PyTorch take turns; each keeps its best")
     bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer even if it is installed")
     bench.add_argument("--json", action="store_true")
 
@@ -189,7 +190,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     model, _ = weights.load(weights.resolve(args.weights, None))
     result = benchmark.run(args.images, photos=args.photos, batch=args.batch, train_batch=args.train_batch,
-                           min_seconds=args.seconds, model=model, torch_peer=not args.no_torch)
+                           min_seconds=args.seconds, rounds=args.rounds, model=model, torch_peer=not args.no_torch)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

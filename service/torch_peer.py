@@ -43,8 +43,10 @@ class TorchMobileNetV2(torch.nn.Module):
 
     def _conv3x3(self, x: torch.Tensor, name: str, stride: int, groups: int) -> torch.Tensor:
         before, after = pads_for(stride, self.padding)
-        x = F.pad(x, (before, after, before, after))
         w, b = self._w(name)
+        if before == after:  # what a PyTorch user writes; only TF-SAME's asymmetric pad needs F.pad
+            return F.relu6(F.conv2d(x, w, b, stride=stride, padding=before, groups=groups))
+        x = F.pad(x, (before, after, before, after))
         return F.relu6(F.conv2d(x, w, b, stride=stride, groups=groups))
 
     def backbone(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:

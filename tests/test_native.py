@@ -98,7 +98,7 @@ def test_bench_reports_every_figure(capsys, weights_path):
     from daemon.cli import main
 
     code = main(["bench", "--images", str(SAMPLES), "--weights", str(weights_path), "--photos", "5", "--batch", "4", "--train-batch", "8",
-                 "--seconds", "0.1", "--no-torch", "--json"])
+                 "--seconds", "0.1", "--rounds", "1", "--no-torch", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["decode"]["ips"] > 0 and result["matmul_gflops"] > 0 and result["peak_rss_mb"] > 0

@@ -107,7 +107,11 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
   const int rows = g.B * g.Ho;
   const int parts = std::min(n_threads(), std::max(1, rows));
   std::vector<std::vector<float>> partial(parts, std::vector<float>(10 * C, 0.0f));  // 9 taps + bias
-  std::vector<float> dz_all(static_cast<size_t>(rows) * g.Wo * C);
+  // Kept between calls: a fresh 10+ MB buffer each step would be page-faulted in again.
+  // (thread_local: one per calling stream thread; the workers below use it through dz_buf.)
+  thread_local std::vector<float> dz_all;
+  dz_all.resize(static_cast<size_t>(rows) * g.Wo * C);
+  float* const dz_buf = dz_all.data();
   const int step = (rows + parts - 1) / parts;
   parallel_for(parts, [&](int first, int last) {
     for (int part = first; part < last; ++part) {
@@ -117,7 +121,7 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
         const int n = row / g.Ho, ho = row % g.Ho;
         for (int wo = 0; wo < g.Wo; ++wo) {
           const size_t o = (static_cast<size_t>(row) * g.Wo + wo) * C;
-          float* dz = dz_all.data() + o;
+          float* dz = dz_buf + o;
           for (int c = 0; c < C; ++c) dz[c] = inside(y[o + c]) ? gy[o + c] : 0.0f;
           for (int c = 0; c < C; ++c) acc[9 * C + c] += dz[c];
           for (int i = 0; i < 3; ++i) {
@@ -162,7 +166,7 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
             if (tw < 0 || tw % g.stride) continue;
             const int wo = tw / g.stride;
             if (wo >= g.Wo) continue;
-            const float* dz = dz_all.data() + ((static_cast<size_t>(n) * g.Ho + ho) * g.Wo + wo) * C;
+            const float* dz = dz_buf + ((static_cast<size_t>(n) * g.Ho + ho) * g.Wo + wo) * C;
             const float* tap = w + (i * 3 + j) * C;
             for (int c = 0; c < C; ++c) out[c] += dz[c] * tap[c];
           }
