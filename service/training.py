@@ -25,6 +25,11 @@ class HeadSettings:
     dropout: float = 0.5  # on the embedding; the best single regularizer measured on clothing-small
     label_smoothing: float = 0.1
     patience: int = 40  # epochs without validation improvement before stopping
+    # Warm starts (incremental runs) fine-tune a good head: at the cold learning rate a fresh
+    # AdamW knocked validation accuracy from 0.856 to 0.80 and 40 epochs of patience never
+    # recovered it; at 1e-4 the best epoch came within 2 epochs (clothing-small, 3,073 photos).
+    warm_learning_rate: float = 1e-4
+    warm_patience: int = 10
     seed: int = 0
 
 
@@ -76,7 +81,10 @@ def train_head(
     head = _Head(x_train.shape[1], n_labels, settings.dropout)
     if init is not None:
         head.linear.weight, head.linear.bias = mx.array(init[0]), mx.array(init[1])
-    optimizer = optim.AdamW(learning_rate=settings.learning_rate, weight_decay=settings.weight_decay)
+    warm = init is not None
+    optimizer = optim.AdamW(learning_rate=settings.warm_learning_rate if warm else settings.learning_rate,
+                            weight_decay=settings.weight_decay)
+    patience = settings.warm_patience if warm else settings.patience
 
     def loss(model: _Head, x: mx.array, y: mx.array) -> mx.array:
         return nn.losses.cross_entropy(model(x), y, label_smoothing=settings.label_smoothing, reduction="mean")
@@ -117,7 +125,7 @@ def train_head(
         history.append({"epoch": epoch, "loss": float(np.mean([l.item() for l in losses])), "val_accuracy": val_acc})
         if x_val.shape[0] and val_acc > best[0]:
             best = (val_acc, epoch, (np.array(head.linear.weight), np.array(head.linear.bias)))
-        elif x_val.shape[0] and epoch - best[1] >= settings.patience:
+        elif x_val.shape[0] and epoch - best[1] >= patience:
             reason = "early_stopping"
             break
     if x_val.shape[0] == 0:

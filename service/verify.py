@@ -13,8 +13,11 @@ and activations) while computing in float32.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,7 @@ class Program:
     weights_dir: Path
     labels: list[str]
     _blobs: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def blob(self, file_name: str) -> Any:
         path = self.weights_dir / file_name.replace("@model_path/weights/", "")
@@ -107,7 +111,8 @@ def _value(program: Program, value) -> Any:
         reader = _BLOB_READERS.get(dtype)
         if reader is None:
             raise VerificationError(f"{program.path}: blob of unsupported type {_DT.Name(dtype)}")
-        data = np.asarray(getattr(program.blob(value.blobFileValue.fileName), reader)(value.blobFileValue.offset))
+        with program.lock:  # batches run in threads; the blob reader is not known to be thread-safe
+            data = np.asarray(getattr(program.blob(value.blobFileValue.fileName), reader)(value.blobFileValue.offset))
         if dtype == _DT.FLOAT16:
             data = data.view(np.float16)  # the reader returns the raw half-precision bits as uint16
         return data.astype(_NUMPY[dtype], copy=False).reshape(shape)
@@ -229,7 +234,10 @@ def run_program(program: Program, images: np.ndarray) -> np.ndarray:
     """
     env: dict[str, Any] = {program.input_name: images.astype(np.float32)}
     probs_name = None
-    for op in program.operations:
+    last_use = _last_uses(program)
+    for index, op in enumerate(program.operations):
+        for done in last_use.get(index, ()):  # free activations no later op reads (memory stays flat)
+            env.pop(done, None)
         outputs = [o.name for o in op.outputs]
         if op.type == "const":
             env[outputs[0]] = _value(program, op.attributes["val"])
@@ -262,6 +270,22 @@ def run_program(program: Program, images: np.ndarray) -> np.ndarray:
     if probs_name is None:
         raise VerificationError(f"{program.path}: no classify operation (not a classifier)")
     return np.asarray(env[probs_name], dtype=np.float32).reshape(len(images), -1)
+
+
+def _last_uses(program: Program) -> dict[int, list[str]]:
+    """{op index: variables read for the last time by the op before it}: they can be freed."""
+    last: dict[str, int] = {}
+    for index, op in enumerate(program.operations):
+        if op.type == "classify":  # its probabilities are the result: never freed
+            continue
+        for argument in op.inputs.values():
+            for binding in argument.arguments:
+                if binding.name:
+                    last[binding.name] = index
+    freed: dict[int, list[str]] = {}
+    for name, index in last.items():
+        freed.setdefault(index + 1, []).append(name)
+    return freed
 
 
 @dataclass
@@ -315,8 +339,12 @@ def verify(package: Path, mlx_probs: np.ndarray, images: list[np.ndarray], names
         raise VerificationError(f"{package}: labels {program.labels[:5]}... differ from the model's {labels[:5]}...")
     precision = _precision(program)
     tolerance = TOLERANCE[precision]
-    batches = [np.stack(images[i : i + 16]).transpose(0, 3, 1, 2) for i in range(0, len(images), 16)]
-    ours = np.concatenate([run_program(program, b) for b in batches]) if batches else np.zeros((0, 1))
+    # NumPy releases the GIL in its kernels: one batch per core runs the photos in parallel.
+    workers = max(1, min(os.cpu_count() or 1, len(images)))
+    size = max(1, -(-len(images) // workers))
+    batches = [np.stack(images[i : i + size]).transpose(0, 3, 1, 2) for i in range(0, len(images), size)]
+    with ThreadPoolExecutor(workers) as pool:
+        ours = np.concatenate(list(pool.map(lambda b: run_program(program, b), batches))) if batches else np.zeros((0, 1))
     diff = np.abs(ours - mlx_probs)
     mismatches, ambiguous = _mismatches(names, ours, mlx_probs, precision)
     agreement = float((ours.argmax(1) == mlx_probs.argmax(1)).mean()) if len(images) else 1.0
