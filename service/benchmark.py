@@ -25,7 +25,8 @@ import mlx.optimizers as optim
 from service import native
 from service.dataset import is_candidate
 from service.embeddings import BATCH_SIZE, DECODE_WORKERS
-from service.finetune import N_FEATURES, Tail, train_step
+from service.finetune import N_FEATURES, Tail
+from service.training import compiled_step
 from service.images import ImageError, load_rgb
 from service.mobilenet import MobileNetV2
 
@@ -69,14 +70,14 @@ def decode_all(paths: list[Path]) -> list[np.ndarray]:
 
 
 def _mlx_train_step(model: MobileNetV2, split: int, n_labels: int) -> Callable[[mx.array, mx.array], None]:
-    """The nightly fine-tuning step itself (service.finetune.train_step): AdamW on the tail."""
+    """The nightly fine-tuning step itself (service.training.compiled_step): AdamW on the tail."""
     own = MobileNetV2(model.spec)  # training replaces the tail's arrays: keep the caller's model as it was
     own.update(model.parameters())
     tail = Tail(own, split, n_labels, dropout=0.2)
     tail.train()
     optimizer = optim.AdamW(learning_rate=1e-4, weight_decay=1e-4)
     optimizer.init(tail.trainable_parameters())
-    step, state = train_step(tail, optimizer, label_smoothing=0.1)
+    step, state = compiled_step(tail, optimizer, label_smoothing=0.1)
     return lambda x, y: mx.eval(step(x, y), state)
 
 
@@ -166,7 +167,7 @@ def _torch_workloads(model: MobileNetV2, x: np.ndarray, split: int, train_batch:
         with torch.inference_mode():
             peer.embed(xt)
 
-    def step() -> None:  # the same step as service.finetune.train_step
+    def step() -> None:  # the same step as service.training.compiled_step
         optimizer.zero_grad(set_to_none=True)
         logits = head(dropout(peer.backbone(feats, split).mean(dim=(2, 3))))
         torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1).backward()

@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from service.embeddings import Cancelled
 from service.images import ImageError, open_rgb
 from service.mobilenet import MobileNetV2
 from service.store import SqliteStore
+from service.training import compiled_step
 
 N_FEATURES = 19  # stem, 17 inverted residual blocks, final 1x1 conv
 
@@ -224,22 +224,6 @@ def checkpoint_key(settings: FinetuneSettings, backbone_sha: str, data_fingerpri
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def train_step(tail: Tail, optimizer: optim.Optimizer,
-               label_smoothing: float) -> tuple[Callable[[mx.array, mx.array], mx.array], list[Any]]:
-    """A compiled optimizer step on one batch and the state to evaluate after it (``mx.eval(loss, state)``)."""
-    loss_and_grad = nn.value_and_grad(tail, lambda m, x, y: nn.losses.cross_entropy(
-        m(x), y, label_smoothing=label_smoothing, reduction="mean"))
-    state = [tail.state, optimizer.state, mx.random.state]  # random: fresh dropout masks
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x: mx.array, y: mx.array) -> mx.array:
-        loss, grads = loss_and_grad(tail, x, y)
-        optimizer.update(tail, grads)
-        return loss
-
-    return step, state
-
-
 def finetune(tail: Tail, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              settings: FinetuneSettings, checkpoint: Checkpoint, should_stop: Callable[[], bool],
              log: Any) -> FinetuneResult:
@@ -267,7 +251,7 @@ def finetune(tail: Tail, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nda
         best = {k[5:]: v for k, v in arrays.items() if k.startswith("best.")}
         best_acc, best_epoch, history, start = info["best_acc"], info["best_epoch"], info["history"], info["epoch"] + 1
         log.info("finetune_resumed", from_epoch=info["epoch"], best_val_accuracy=best_acc)
-    step, state = train_step(tail, optimizer, settings.label_smoothing)
+    step, state = compiled_step(tail, optimizer, settings.label_smoothing)
     resumed_from = start - 1
     reason = "max_epochs"
     epoch = start - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,23 @@ def _accuracy(head: _Head, x: mx.array, y: mx.array) -> float:
     return mx.mean(mx.argmax(head(x), axis=1) == y).item()
 
 
+def compiled_step(model: nn.Module, optimizer: optim.Optimizer,
+                  label_smoothing: float) -> tuple[Callable[[mx.array, mx.array], mx.array], list[Any]]:
+    """One compiled optimizer step on a batch (cross-entropy), and the state to evaluate after it:
+    ``mx.eval(step(x, y), state)``. The head and the nightly fine-tune both train with it."""
+    loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(
+        m(x), y, label_smoothing=label_smoothing, reduction="mean"))
+    state = [model.state, optimizer.state, mx.random.state]  # random: fresh dropout masks
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x: mx.array, y: mx.array) -> mx.array:
+        loss, grads = loss_and_grad(model, x, y)
+        optimizer.update(model, grads)
+        return loss
+
+    return step, state
+
+
 def train_head(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -86,18 +104,7 @@ def train_head(
                             weight_decay=settings.weight_decay)
     patience = settings.warm_patience if warm else settings.patience
 
-    def loss(model: _Head, x: mx.array, y: mx.array) -> mx.array:
-        return nn.losses.cross_entropy(model(x), y, label_smoothing=settings.label_smoothing, reduction="mean")
-
-    loss_and_grad = nn.value_and_grad(head, loss)
-
-    state = [head.state, optimizer.state, mx.random.state]  # random: fresh dropout masks
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x: mx.array, y: mx.array) -> mx.array:
-        loss, grads = loss_and_grad(head, x, y)
-        optimizer.update(head, grads)
-        return loss
+    step, state = compiled_step(head, optimizer, settings.label_smoothing)
 
     xt, yt = mx.array(x_train), mx.array(y_train.astype(np.int32))
     xv, yv = mx.array(x_val), mx.array(y_val.astype(np.int32))

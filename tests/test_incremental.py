@@ -53,7 +53,6 @@ def test_imprinting_keeps_known_rows_and_points_new_rows_at_their_photos(subset,
     rng = np.random.default_rng(0)
     x = rng.random((30, 1280), dtype=np.float32)
     x[20:] += 2.0 * (np.arange(1280) % 7 == 0)  # the new label's photos share a direction
-    y = np.array([0] * 10 + [1] * 10 + [2] * 10)
     w, b = pipeline.warm_start_head(prev, published.current(), ["hat", "new", "shoes"], x, np.array(
         [0] * 10 + [2] * 10 + [1] * 10))
     np.testing.assert_array_equal(w[0], prev[0][0])  # hat kept

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <future>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -70,6 +71,21 @@ void parallel_for(int n, F body) {
 inline float relu6(float v) { return std::min(std::max(v, 0.0f), 6.0f); }
 inline bool inside(float v) { return v > 0.0f && v < 6.0f; }  // where relu6 passes gradients
 
+// f(tap index k = 3i + j, offset of input pixel (n, h, w) in x) for each tap of output (n, ho, wo)
+// that falls inside the image: padding reads as zero.
+template <class F>
+inline void for_each_tap(const Geometry& g, int n, int ho, int wo, F f) {
+  for (int i = 0; i < 3; ++i) {
+    const int h = ho * g.stride + i - g.pad_top;
+    if (h < 0 || h >= g.H) continue;
+    for (int j = 0; j < 3; ++j) {
+      const int w = wo * g.stride + j - g.pad_left;
+      if (w < 0 || w >= g.W) continue;
+      f(i * 3 + j, ((static_cast<size_t>(n) * g.H + h) * g.W + w) * g.C);
+    }
+  }
+}
+
 void forward(const Geometry& g, const float* x, const float* w, const float* b, const float* ib, float* y) {
   const int C = g.C;
   parallel_for(g.B * g.Ho, [&](int begin, int end) {
@@ -78,21 +94,15 @@ void forward(const Geometry& g, const float* x, const float* w, const float* b, 
       for (int wo = 0; wo < g.Wo; ++wo) {
         float* out = y + (static_cast<size_t>(row) * g.Wo + wo) * C;
         std::memcpy(out, b, C * sizeof(float));
-        for (int i = 0; i < 3; ++i) {
-          const int h = ho * g.stride + i - g.pad_top;
-          if (h < 0 || h >= g.H) continue;
-          for (int j = 0; j < 3; ++j) {
-            const int ww = wo * g.stride + j - g.pad_left;
-            if (ww < 0 || ww >= g.W) continue;
-            const float* in = x + ((static_cast<size_t>(n) * g.H + h) * g.W + ww) * C;
-            const float* tap = w + (i * 3 + j) * C;
-            if (g.act_in) {
-              for (int c = 0; c < C; ++c) out[c] += relu6(in[c] + ib[c]) * tap[c];
-            } else {
-              for (int c = 0; c < C; ++c) out[c] += in[c] * tap[c];
-            }
+        for_each_tap(g, n, ho, wo, [&](int k, size_t at) {
+          const float* in = x + at;
+          const float* tap = w + k * C;
+          if (g.act_in) {
+            for (int c = 0; c < C; ++c) out[c] += relu6(in[c] + ib[c]) * tap[c];
+          } else {
+            for (int c = 0; c < C; ++c) out[c] += in[c] * tap[c];
           }
-        }
+        });
         for (int c = 0; c < C; ++c) out[c] = relu6(out[c]);
       }
     }
@@ -116,7 +126,6 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
   parallel_for(parts, [&](int first, int last) {
     for (int part = first; part < last; ++part) {
       float* acc = partial[part].data();
-      std::vector<float> a(C);
       for (int row = part * step; row < std::min(rows, (part + 1) * step); ++row) {
         const int n = row / g.Ho, ho = row % g.Ho;
         for (int wo = 0; wo < g.Wo; ++wo) {
@@ -124,21 +133,15 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
           float* dz = dz_buf + o;
           for (int c = 0; c < C; ++c) dz[c] = inside(y[o + c]) ? gy[o + c] : 0.0f;
           for (int c = 0; c < C; ++c) acc[9 * C + c] += dz[c];
-          for (int i = 0; i < 3; ++i) {
-            const int h = ho * g.stride + i - g.pad_top;
-            if (h < 0 || h >= g.H) continue;
-            for (int j = 0; j < 3; ++j) {
-              const int ww = wo * g.stride + j - g.pad_left;
-              if (ww < 0 || ww >= g.W) continue;
-              const float* in = x + ((static_cast<size_t>(n) * g.H + h) * g.W + ww) * C;
-              float* t = acc + (i * 3 + j) * C;
-              if (g.act_in) {
-                for (int c = 0; c < C; ++c) t[c] += dz[c] * relu6(in[c] + ib[c]);
-              } else {
-                for (int c = 0; c < C; ++c) t[c] += dz[c] * in[c];
-              }
+          for_each_tap(g, n, ho, wo, [&](int k, size_t at) {
+            const float* in = x + at;
+            float* t = acc + k * C;
+            if (g.act_in) {
+              for (int c = 0; c < C; ++c) t[c] += dz[c] * relu6(in[c] + ib[c]);
+            } else {
+              for (int c = 0; c < C; ++c) t[c] += dz[c] * in[c];
             }
-          }
+          });
         }
       }
     }
@@ -200,55 +203,62 @@ struct Params {
   bool operator==(const Params& o) const { return stride == o.stride && pads == o.pads && act_in == o.act_in; }
 };
 
-// inputs: x, taps, in_bias, y, dy; outputs: dx, dtaps, dbias, din_bias
-class DepthwiseGrad : public mx::Primitive {
+// What both primitives share: the parameters, CPU-only evaluation, deduplication by parameters.
+class KernelPrimitive : public mx::Primitive {
  public:
-  DepthwiseGrad(mx::Stream s, Params p) : Primitive(s), p_(std::move(p)) {}
+  KernelPrimitive(mx::Stream s, Params p) : Primitive(s), p_(std::move(p)) {}
 
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    allocate(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& a : out) enc.set_output_array(a);
-    std::vector<mx::array> io;
-    for (auto& a : in) io.push_back(mx::array::unsafe_weak_copy(a));
-    for (auto& a : out) io.push_back(mx::array::unsafe_weak_copy(a));
-    enc.dispatch([g = geometry(in[0], p_.stride, p_.pads, p_.act_in), io = std::move(io)]() mutable {
-      backward(g, io[0].data<float>(), io[1].data<float>(), io[2].data<float>(), io[3].data<float>(),
-               io[4].data<float>(), io[5].data<float>(), io[6].data<float>(), io[7].data<float>(),
-               io[8].data<float>());
-    });
-  }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("watchtrain depthwise kernel: CPU only");
   }
-  const char* name() const override { return "WatchtrainDepthwise3x3Grad"; }
   bool is_equivalent(const Primitive& other) const override {
-    return p_ == static_cast<const DepthwiseGrad&>(other).p_;
+    auto* o = dynamic_cast<const KernelPrimitive*>(&other);
+    return o && std::string(name()) == o->name() && p_ == o->p_;
   }
 
- private:
+ protected:
+  // Allocate the outputs, then run kernel(geometry, inputs' then outputs' data) on the CPU stream.
+  template <class F>
+  void run(const std::vector<mx::array>& in, std::vector<mx::array>& out, F kernel) {
+    allocate(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    std::vector<mx::array> io;
+    for (auto& a : in) {
+      enc.set_input_array(a);
+      io.push_back(mx::array::unsafe_weak_copy(a));
+    }
+    for (auto& a : out) {
+      enc.set_output_array(a);
+      io.push_back(mx::array::unsafe_weak_copy(a));
+    }
+    enc.dispatch([g = geometry(in[0], p_.stride, p_.pads, p_.act_in), io = std::move(io), kernel]() mutable {
+      std::vector<float*> data;
+      for (auto& a : io) data.push_back(a.data<float>());
+      kernel(g, data);
+    });
+  }
+
   Params p_;
 };
 
-// inputs: x, taps [9, C], bias [C], in_bias [C]; output: relu6(depthwise(a(x)) + bias)
-class Depthwise : public mx::Primitive {
+// inputs: x, taps, in_bias, y, dy; outputs: dx, dtaps, dbias, din_bias
+class DepthwiseGrad : public KernelPrimitive {
  public:
-  Depthwise(mx::Stream s, Params p) : Primitive(s), p_(std::move(p)) {}
-
+  using KernelPrimitive::KernelPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    allocate(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out[0]);
-    enc.dispatch([g = geometry(in[0], p_.stride, p_.pads, p_.act_in), x = mx::array::unsafe_weak_copy(in[0]),
-                  w = mx::array::unsafe_weak_copy(in[1]), b = mx::array::unsafe_weak_copy(in[2]),
-                  ib = mx::array::unsafe_weak_copy(in[3]), y = mx::array::unsafe_weak_copy(out[0])]() mutable {
-      forward(g, x.data<float>(), w.data<float>(), b.data<float>(), ib.data<float>(), y.data<float>());
+    run(in, out, [](const Geometry& g, const std::vector<float*>& d) {
+      backward(g, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8]);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("watchtrain depthwise kernel: CPU only");
+  const char* name() const override { return "WatchtrainDepthwise3x3Grad"; }
+};
+
+// inputs: x, taps [9, C], bias [C], in_bias [C]; output: relu6(depthwise(a(x)) + bias)
+class Depthwise : public KernelPrimitive {
+ public:
+  using KernelPrimitive::KernelPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    run(in, out, [](const Geometry& g, const std::vector<float*>& d) { forward(g, d[0], d[1], d[2], d[3], d[4]); });
   }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
@@ -266,10 +276,6 @@ class Depthwise : public mx::Primitive {
     return {{g.B, g.Ho, g.Wo, g.C}};
   }
   const char* name() const override { return "WatchtrainDepthwise3x3"; }
-  bool is_equivalent(const Primitive& other) const override { return p_ == static_cast<const Depthwise&>(other).p_; }
-
- private:
-  Params p_;
 };
 
 // x: [B, H, W, C] float32; taps: [9, C] in (kh, kw) order; bias: [C]; pads: top, bottom, left, right.
