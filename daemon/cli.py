@@ -167,6 +167,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{package} has no watchtrain version in its metadata; pass --weights")
         reference = Publisher(package.parent, package.stem).mlx_weights(version)
     model, _ = weights.load(reference)
+    if not args.images.is_dir():
+        raise FileNotFoundError(f"{args.images}: no such folder")
     photos = sorted(p for p in args.images.rglob("*") if p.is_file() and is_candidate(p.name))[: args.limit]
     if not photos:
         raise FileNotFoundError(f"no photos under {args.images}")

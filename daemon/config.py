@@ -166,6 +166,9 @@ def _project(file: Path, i: int, entry: dict, state_dir: Path, weights: Path | N
     validation = _path(file, where + "validation", entry["validation"]) if "validation" in entry else None
     if validation is not None and not validation.is_dir():
         raise ConfigError(file, where + "validation", f"folder {validation} does not exist")
+    if validation is not None and (_inside(validation, dataset) or _inside(dataset, validation)):
+        raise ConfigError(file, where + "validation", f"{validation} overlaps the dataset folder {dataset}; "
+                          "validation photos must not be training photos (leave `validation` out for a split)")
     output = _path(file, where + "output", entry["output"])
     for key, folder in (("dataset", dataset), ("validation", validation)):
         if folder is not None and _inside(output, folder):

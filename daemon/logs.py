@@ -33,6 +33,7 @@ def configure(level: str = "info", stream: TextIO | None = None, json: bool = Tr
     ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # Python warnings (watchdog's, say) become JSON lines too
     root.setLevel(level.upper())
     # Third-party chatter stays at warning unless debugging.
     for noisy in ("apscheduler", "watchdog"):

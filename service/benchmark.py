@@ -51,6 +51,8 @@ def matmul_gflops(n: int = 2048, min_seconds: float = 1.0) -> float:
 
 
 def find_photos(folder: Path, limit: int) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
     photos = sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate(p.name))
     if not photos:
         raise FileNotFoundError(f"no photos under {folder}")

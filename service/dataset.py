@@ -88,10 +88,19 @@ def scan_folder(root: Path) -> list[Photo]:
     return photos
 
 
+CLOCK_SKEW_NS = 60 * 10**9
+
+
 def unsettled(photos: list[Photo], settle_seconds: float, now_ns: int) -> list[Photo]:
-    """Photos modified within the last ``settle_seconds``: probably still being copied."""
+    """Photos modified within the last ``settle_seconds``: probably still being copied.
+
+    An mtime more than a minute in the future is clock skew (a camera, another machine),
+    not a write in progress: such a photo would otherwise never settle.
+    """
+    if settle_seconds <= 0:
+        return []
     cutoff = now_ns - int(settle_seconds * 1e9)
-    return [p for p in photos if p.mtime_ns > cutoff]
+    return [p for p in photos if cutoff < p.mtime_ns <= now_ns + CLOCK_SKEW_NS]
 
 
 def holdout(photo: Photo, fraction: float) -> bool:

@@ -33,7 +33,10 @@ def open_rgb(path: Path, min_size: int = SIZE) -> Image.Image:
     """Decode ``path`` to an upright RGB image at least ``min_size`` on each side
     (JPEGs are decoded at a reduced scale when they are much larger), or raise
     :class:`ImageError`."""
+    path = Path(path)
     try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: cannot be read as an image (empty file, 0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
@@ -41,6 +44,8 @@ def open_rgb(path: Path, min_size: int = SIZE) -> Image.Image:
                 img.draft("RGB", (min_size, min_size))
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
+    except ImageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{path}: cannot be read as an image ({_describe(exc)})") from exc
@@ -72,7 +77,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
-        return "file disappeared"
+        return "no such file (missing, or deleted while it was read)"
     if isinstance(exc, PermissionError):
         return "permission denied"
     text = str(exc).split(" - ")[0] or type(exc).__name__

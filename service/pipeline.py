@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from service import dataset as ds
 from service import evaluation, export, finetune, native, verify, weights
-from service.embeddings import EmbeddingCache, embed
+from service.embeddings import Cancelled, EmbeddingCache, embed
 from service.export import ExportOptions
 from service.images import load_rgb
 from service.predict import probabilities_of_pixels
@@ -60,13 +60,13 @@ class Job:
 
 @dataclass
 class RunResult:
-    status: str  # "published" | "unchanged" | "rejected"
+    status: str  # "published" | "unchanged" | "rejected" | "deferred"
     manifest: dict[str, Any] | None
     metrics: dict[str, Any]
     metrics_path: Path | None
     embedded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    retry_after: float | None = None  # seconds; set when photos still being written were left out
+    retry_after: float | None = None  # seconds; set when the run was deferred (photos still being written)
 
 
 def scan(job: Job) -> tuple[list[ds.Photo], list[ds.Photo]]:
@@ -130,19 +130,19 @@ def run(
     mark = time.perf_counter()
     pretrained = weights.resolve(job.weights, job.weights_url, log=log)
     model, w = weights.load(backbone_for(previous, pretrained, mode == "nightly" and job.finetune.from_imagenet))
+    native.kernel()  # built on a machine's first run; loaded now so run_started can say which path runs
     phases["load_weights"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     train, val = scan(job)
-    fresh = {p.path for p in ds.unsettled(train + val, job.settle_seconds, time.time_ns())}
+    fresh = ds.unsettled(train + val, job.settle_seconds, time.time_ns())
     if fresh:
-        log.info("photos_not_settled", count=len(fresh), files=sorted(map(str, fresh))[:50],
-                 retry_in_seconds=job.settle_seconds)
-        train = [p for p in train if p.path not in fresh]
-        val = [p for p in val if p.path not in fresh]
-    retry_after = job.settle_seconds if fresh else None
+        # Part of the data is still being written (a copy in progress, a sync, a restore): train on
+        # none of it yet. A model of the settled part alone could lack a whole label.
+        log.info("photos_not_settled", count=len(fresh), files=sorted(str(p.path) for p in fresh)[:50],
+                 retry_in_seconds=job.settle_seconds, decision="run_deferred")
+        return RunResult("deferred", previous, {}, None, retry_after=job.settle_seconds)
     phases["scan"] = time.perf_counter() - mark
-    native.kernel()  # build or load it now, so that run_started says which depthwise path runs
     log.info("run_started", reason=reason, mode=mode, n_train_files=len(train), n_val_files=len(val),
              weights=str(w.path), weights_layout=w.layout, blas=service.cpu.loaded, native_kernel=native.status)
 
@@ -173,7 +173,7 @@ def run(
         if not force and previous and previous.get("dataset_fingerprint") == data_fp \
                 and previous.get("weights_sha256") == w.sha256:
             log.info("run_skipped_unchanged", version=previous["version"])
-            return RunResult("unchanged", previous, {}, None, report.embedded, report.skipped, retry_after)
+            return RunResult("unchanged", previous, {}, None, report.embedded, report.skipped)
         changes = dataset_changes(publisher, previous, train, val, hashes)
         log.info("dataset_changes", **{k: len(v) for k, v in changes.items()})
 
@@ -248,7 +248,7 @@ def run(
         metrics["phases_seconds"] = _rounded(phases)
         path = _write_metrics(job, run_id, metrics)
         log.warning("not_published", reason=gate["decision"], metrics_file=str(path))
-        return RunResult("rejected", previous, metrics, path, report.embedded, report.skipped, retry_after)
+        return RunResult("rejected", previous, metrics, path, report.embedded, report.skipped)
 
     version = publisher.next_version()
     manifest = {
@@ -270,6 +270,8 @@ def run(
         "minimum_deployment_target": job.export.minimum_target,
         "watchtrain_version": service.__version__,
     }
+    if should_stop():  # stopping: a finished training is not worth a late export
+        raise Cancelled()
     final = weights.with_head(model, mx.array(head.weight), mx.array(head.bias))
     staged = publisher.staging()
     try:
@@ -289,6 +291,8 @@ def run(
                 f"tolerance {check.tolerance:.0e}, top-1 mismatches {check.mismatches})")
         manifest["verification"] = {k: v for k, v in check.as_dict().items() if k != "package"}
 
+        if should_stop():
+            raise Cancelled()
         mark = time.perf_counter()
         manifest = publisher.publish(staged, manifest)
         phases["publish"] = time.perf_counter() - mark
@@ -299,7 +303,7 @@ def run(
     path = _write_metrics(job, run_id, metrics, publisher.version_dir(version))
     log.info("published", version=version, package=str(publisher.package), val_accuracy=summary["val_accuracy"],
              metrics_file=str(path), phases=metrics["phases_seconds"])
-    return RunResult("published", manifest, metrics, path, report.embedded, report.skipped, retry_after)
+    return RunResult("published", manifest, metrics, path, report.embedded, report.skipped)
 
 
 def backbone_for(previous: dict | None, pretrained: Path, from_pretrained: bool) -> Path:

@@ -33,6 +33,8 @@ def locate(model: str, output: Path | None = None) -> Publisher:
 
 def load_published(publisher: Publisher) -> Loaded:
     manifest = publisher.current()
+    if manifest is None and publisher.manifest_path.is_file():
+        raise FileNotFoundError(f"{publisher.manifest_path}: not a readable watchtrain manifest (invalid JSON)")
     if manifest is None:
         raise FileNotFoundError(
             f"no model named {publisher.name!r} is published in {publisher.output} (no {publisher.manifest_path.name}); "

@@ -72,7 +72,8 @@ class Program:
         return self._blobs[key]
 
 
-def load_program(package: Path) -> Program:
+def _read_spec(package: Path) -> tuple[Any, Path]:
+    """The package's model spec (protobuf) and the path of the file it came from."""
     package = Path(package)
     model_file = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
     if not model_file.is_file():
@@ -82,6 +83,12 @@ def load_program(package: Path) -> Program:
         spec.ParseFromString(model_file.read_bytes())
     except Exception as exc:  # protobuf raises DecodeError
         raise VerificationError(f"{model_file}: unreadable model spec ({exc})") from exc
+    return spec, model_file
+
+
+def load_program(package: Path) -> Program:
+    package = Path(package)
+    spec, model_file = _read_spec(package)
     if spec.WhichOneof("Type") != "mlProgram":
         raise VerificationError(f"{package}: not an ML Program")
     main = spec.mlProgram.functions["main"]
@@ -363,9 +370,7 @@ def verify(package: Path, mlx_probs: np.ndarray, images: list[np.ndarray], names
 
 def package_version(package: Path) -> int | None:
     """The watchtrain version number stored in the package's own metadata."""
-    spec = ct.proto.Model_pb2.Model()
-    spec.ParseFromString((Path(package) / "Data" / "com.apple.CoreML" / "model.mlmodel").read_bytes())
-    value = spec.description.metadata.userDefined.get("watchtrain_model_version")
+    value = _read_spec(package)[0].description.metadata.userDefined.get("watchtrain_model_version")
     return int(value) if value else None
 
 

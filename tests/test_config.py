@@ -11,6 +11,7 @@ from daemon.config import DEFAULT_SCHEDULE, ConfigError, load
 
 def _write(tmp_path: Path, text: str) -> Path:
     (tmp_path / "data" / "a").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "val").mkdir(exist_ok=True)
     path = tmp_path / "watchtrain.toml"
     path.write_text(text)
     return path
@@ -34,7 +35,7 @@ log_level = "debug"
 [[project]]
 name = "M"
 dataset = "data"
-validation = "data"
+validation = "val"
 output = "out"
 schedule = "30 3 * * 1-5"
 debounce_seconds = 2.5
@@ -72,6 +73,8 @@ learning_rate = 0.01
     ('[[project]]\nname = "M"\ndataset = "data"\noutput = "out"\n[project.finetune]\nviews = 0\n',
      "project[0].finetune.views", "must be >= 1"),
     ("", "project", "at least one"),
+    ('[[project]]\nname = "M"\ndataset = "data"\nvalidation = "data"\noutput = "out"\n', "project[0].validation",
+     "overlaps the dataset"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, body, key, message):
     path = _write(tmp_path, body)

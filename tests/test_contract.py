@@ -154,3 +154,12 @@ def test_verify_cli(subset, job_for, captured):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] and report["n"] == 15 and report["top1_agreement"] == 1.0
+    # A damaged package or something that is not a package: a clear error naming it, no traceback.
+    broken = subset["root"] / "broken" / "Subset.mlpackage"
+    shutil.copytree(job.output / "Subset.mlpackage", broken)
+    (broken / "Data" / "com.apple.CoreML" / "model.mlmodel").write_text("garbage")
+    for target in (broken, subset["train"]):
+        done = subprocess.run([sys.executable, "-m", "daemon", "verify", str(target), "--images", str(subset["val"])],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert str(target) in done.stderr and ("unreadable model spec" in done.stderr or "not an .mlpackage" in done.stderr)

@@ -107,8 +107,28 @@ def test_photos_still_being_written_wait_for_the_next_run(subset, job_for, captu
     incoming = subset["train"] / "hat" / "incoming.jpg"
     shutil.copyfile(next(subset["extra"].iterdir()), incoming)  # mtime: now, as while copying
     result = pipeline.run(job, log=log)
-    assert result.manifest["n_train"] == 45 and result.retry_after == 30.0
+    # Nothing is trained on a partial copy: the run waits for every photo to settle.
+    assert result.status == "deferred" and result.manifest is None and result.retry_after == 30.0
     assert events_named(captured, "photos_not_settled")[0]["files"] == [str(incoming)]
+    assert not (job.output / "Subset.mlpackage").exists()
     os.utime(incoming, (old, old))  # the copy finished a while ago
     result = pipeline.run(job, log=log, force=False)
-    assert result.manifest["n_train"] == 46 and result.retry_after is None
+    assert result.status == "published" and result.manifest["n_train"] == 46 and result.retry_after is None
+
+
+def test_a_label_folder_copied_just_now_is_not_left_out(subset, job_for):
+    import os
+    import time
+
+    job = job_for(subset, settle_seconds=30.0)
+    old = time.time() - 3600
+    for photo in [*subset["train"].rglob("*.jpg"), *subset["val"].rglob("*.jpg")]:
+        os.utime(photo, (old, old))
+    for photo in (subset["train"] / "shoes").iterdir():  # `cp` without -p, a restore, a sync
+        os.utime(photo, None)
+    result = pipeline.run(job, log=log)
+    assert result.status == "deferred"  # not a model without "shoes"
+    for photo in (subset["train"] / "shoes").iterdir():
+        os.utime(photo, (old, old))
+    result = pipeline.run(job, log=log)
+    assert result.manifest["labels"] == ["hat", "pants", "shoes"]
