@@ -82,7 +82,10 @@ def _shifted(x: mx.array, stride: int, pads: tuple[int, int]) -> list[mx.array]:
 
 
 class Conv3x3(nn.Module):
-    """Dense 3x3 convolution + bias + relu6 (the stem). weight: [out, 3, 3, in]."""
+    """Dense 3x3 convolution + bias + relu6 (the stem). weight: [out, 3, 3, in].
+
+    On MLX's CPU backend it runs watchtrain's kernel (service/native.py); elsewhere :func:`stem_reference`.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int, padding: str):
         super().__init__()
@@ -92,9 +95,16 @@ class Conv3x3(nn.Module):
         self.pads = pads_for(stride, padding)
 
     def __call__(self, x: mx.array) -> mx.array:
-        # mx.conv2d measured faster here than im2col + GEMM (3 input channels make thin copies).
-        x = mx.pad(x, [(0, 0), self.pads, self.pads, (0, 0)])
-        return _relu6(mx.conv2d(x, self.weight, stride=self.stride) + self.bias)
+        kernel = native.kernel() if mx.default_device() == mx.cpu else None
+        if kernel is not None:  # forward only: the stem is never trained
+            return kernel.stem3x3_relu6(x, self.weight, self.bias, self.stride, [*self.pads, *self.pads])
+        return stem_reference(x, self.weight, self.bias, self.stride, self.pads)
+
+
+def stem_reference(x: mx.array, weight: mx.array, bias: mx.array, stride: int, pads: tuple[int, int]) -> mx.array:
+    """relu6(dense 3x3 convolution + bias) in pure MLX (mx.conv2d measured faster than im2col here)."""
+    x = mx.pad(x, [(0, 0), pads, pads, (0, 0)])
+    return _relu6(mx.conv2d(x, weight, stride=stride) + bias)
 
 
 def depthwise_reference(x: mx.array, taps: mx.array, bias: mx.array, stride: int, pads: tuple[int, int],

@@ -136,9 +136,16 @@ def _self_test(module: ModuleType) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from service.mobilenet import depthwise_reference
+    from service.mobilenet import depthwise_reference, stem_reference
 
     rng = np.random.default_rng(0)
+    for stride, pads in ((2, (0, 1)), (2, (1, 1))):
+        x = mx.array(rng.uniform(-1, 1, (2, 12, 10, 3)).astype(np.float32))
+        w = mx.array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32))
+        b = mx.array(rng.normal(size=(8,)).astype(np.float32))
+        want, have = stem_reference(x, w, b, stride, pads), module.stem3x3_relu6(x, w, b, stride, [*pads, *pads])
+        if want.shape != have.shape or not np.allclose(np.array(want), np.array(have), atol=1e-4, rtol=1e-4):
+            raise RuntimeError(f"self-test mismatch in the stem at stride {stride}, pads {pads}")
     for stride, pads, fused in ((1, (1, 1), False), (2, (0, 1), True), (2, (1, 1), False), (1, (1, 1), True)):
         x = mx.array(rng.uniform(-1, 7, (2, 9, 10, 12)).astype(np.float32))
         w = mx.array(rng.normal(size=(9, 12)).astype(np.float32))

@@ -50,9 +50,13 @@ verify_photos = 4
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Daemon":
+        """Start the process and wait until it is up (signal handlers installed): events of an
+        earlier process in the same log must not stand in for this one's."""
+        started = len(self.events("daemon_started")) if self.log.exists() else 0
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config)], cwd=ROOT,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.wait(lambda: len(self.events("daemon_started")) > started, timeout=120)
         return self
 
     def events(self, name: str | None = None) -> list[dict]:

@@ -86,26 +86,35 @@ inline void for_each_tap(const Geometry& g, int n, int ho, int wo, F f) {
   }
 }
 
-void forward(const Geometry& g, const float* x, const float* w, const float* b, const float* ib, float* y) {
-  const int C = g.C;
+// y = relu6(b + body(...)) for each output pixel, rows split across threads: body(n, ho, wo, out)
+// adds the convolution into out, which starts as the bias.
+template <class F>
+void conv_bias_relu6(const Geometry& g, int channels, const float* b, float* y, F body) {
   parallel_for(g.B * g.Ho, [&](int begin, int end) {
     for (int row = begin; row < end; ++row) {
       const int n = row / g.Ho, ho = row % g.Ho;
       for (int wo = 0; wo < g.Wo; ++wo) {
-        float* out = y + (static_cast<size_t>(row) * g.Wo + wo) * C;
-        std::memcpy(out, b, C * sizeof(float));
-        for_each_tap(g, n, ho, wo, [&](int k, size_t at) {
-          const float* in = x + at;
-          const float* tap = w + k * C;
-          if (g.act_in) {
-            for (int c = 0; c < C; ++c) out[c] += relu6(in[c] + ib[c]) * tap[c];
-          } else {
-            for (int c = 0; c < C; ++c) out[c] += in[c] * tap[c];
-          }
-        });
-        for (int c = 0; c < C; ++c) out[c] = relu6(out[c]);
+        float* out = y + (static_cast<size_t>(row) * g.Wo + wo) * channels;
+        std::memcpy(out, b, channels * sizeof(float));
+        body(n, ho, wo, out);
+        for (int c = 0; c < channels; ++c) out[c] = relu6(out[c]);
       }
     }
+  });
+}
+
+void forward(const Geometry& g, const float* x, const float* w, const float* b, const float* ib, float* y) {
+  const int C = g.C;
+  conv_bias_relu6(g, C, b, y, [&](int n, int ho, int wo, float* out) {
+    for_each_tap(g, n, ho, wo, [&](int k, size_t at) {
+      const float* in = x + at;
+      const float* tap = w + k * C;
+      if (g.act_in) {
+        for (int c = 0; c < C; ++c) out[c] += relu6(in[c] + ib[c]) * tap[c];
+      } else {
+        for (int c = 0; c < C; ++c) out[c] += in[c] * tap[c];
+      }
+    });
   });
 }
 
@@ -189,6 +198,24 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
       for (int c = 0; c < C; ++c) dib[c] += dx[p * C + c];
     }
   }
+}
+
+// Dense 3x3 convolution (the 3-channel stem) + bias + relu6. w: [cout, 3, 3, C] (OHWI).
+void stem_forward(const Geometry& g, int cout, const float* x, const float* w, const float* b, float* y) {
+  // Repacked as [tap][in channel][out channel]: the inner loop runs over contiguous outputs.
+  std::vector<float> packed(9 * g.C * cout);
+  for (int o = 0; o < cout; ++o)
+    for (int k = 0; k < 9; ++k)
+      for (int ci = 0; ci < g.C; ++ci) packed[(k * g.C + ci) * cout + o] = w[(o * 9 + k) * g.C + ci];
+  conv_bias_relu6(g, cout, b, y, [&](int n, int ho, int wo, float* out) {
+    for_each_tap(g, n, ho, wo, [&](int k, size_t at) {
+      for (int ci = 0; ci < g.C; ++ci) {
+        const float v = x[at + ci];
+        const float* wk = packed.data() + (k * g.C + ci) * cout;
+        for (int o = 0; o < cout; ++o) out[o] += v * wk[o];
+      }
+    });
+  });
 }
 
 void allocate(std::vector<mx::array>& outputs) {
@@ -278,6 +305,40 @@ class Depthwise : public KernelPrimitive {
   const char* name() const override { return "WatchtrainDepthwise3x3"; }
 };
 
+// inputs: x [B, H, W, C], weight [cout, 3, 3, C], bias [cout]; output: relu6(conv3x3(x) + bias).
+// Forward only: watchtrain never trains the stem (the nightly fine-tune trains the last blocks).
+class Stem : public KernelPrimitive {
+ public:
+  using KernelPrimitive::KernelPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const int cout = in[1].shape(0);
+    run(in, out, [cout](const Geometry& g, const std::vector<float*>& d) { stem_forward(g, cout, d[0], d[1], d[2], d[3]); });
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&, const std::vector<int>&,
+                             const std::vector<mx::array>&) override {
+    throw std::runtime_error("stem3x3_relu6 has no gradient: watchtrain keeps the stem frozen");
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    auto g = geometry(in[0], p_.stride, p_.pads, false);
+    return {{g.B, g.Ho, g.Wo, in[1].shape(0)}};
+  }
+  const char* name() const override { return "WatchtrainStem3x3"; }
+};
+
+mx::array stem3x3_relu6(const mx::array& x, const mx::array& weight, const mx::array& bias, int stride,
+                        std::vector<int> pads) {
+  if (x.ndim() != 4 || weight.ndim() != 4 || weight.shape(1) != 3 || weight.shape(2) != 3 ||
+      weight.shape(3) != x.shape(3) || bias.shape() != mx::Shape{weight.shape(0)} || pads.size() != 4) {
+    throw std::invalid_argument("stem3x3_relu6: expected x [B,H,W,C], weight [O,3,3,C], bias [O], four pads");
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs;
+  for (const auto& a : {x, weight, bias}) inputs.push_back(mx::contiguous(mx::astype(a, mx::float32, s), false, s));
+  auto g = geometry(x, stride, pads, false);
+  return mx::array({g.B, g.Ho, g.Wo, weight.shape(0)}, mx::float32,
+                   std::make_shared<Stem>(s, Params{stride, pads, false}), inputs);
+}
+
 // x: [B, H, W, C] float32; taps: [9, C] in (kh, kw) order; bias: [C]; pads: top, bottom, left, right.
 // With in_bias, the input is activated as it is read: relu6(x + in_bias).
 mx::array depthwise3x3_relu6(const mx::array& x, const mx::array& taps, const mx::array& bias, int stride,
@@ -303,10 +364,12 @@ mx::array depthwise3x3_relu6(const mx::array& x, const mx::array& taps, const mx
 }  // namespace
 
 NB_MODULE(_watchtrain_native, m) {
-  m.doc() = "watchtrain's fused depthwise 3x3 convolution for MLX's CPU backend";
+  m.doc() = "watchtrain's fused depthwise and stem 3x3 convolutions for MLX's CPU backend";
   m.def("depthwise3x3_relu6", &depthwise3x3_relu6, nb::arg("x"), nb::arg("taps"), nb::arg("bias"),
         nb::arg("stride"), nb::arg("pads"), nb::arg("in_bias") = nb::none(),
         "relu6(depthwise 3x3 convolution of a(x) + bias), NHWC; pads = (top, bottom, left, right);\n"
         "a(x) = relu6(x + in_bias) when in_bias is given, else x");
+  m.def("stem3x3_relu6", &stem3x3_relu6, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("stride"),
+        nb::arg("pads"), "relu6(dense 3x3 convolution of NHWC x + bias), forward only; weight OHWI");
   m.def("threads", &n_threads, "worker threads the kernel splits rows over");
 }
