@@ -66,7 +66,7 @@ def test_fine_tuning_gradients_equal_the_reference(imagenet_model, monkeypatch):
         # and not the other: a few elements differ slightly, a wrong kernel differs everywhere.
         scale = np.abs(reference[key]).max() + 1e-12
         assert np.abs(fast[key] - reference[key]).max() <= 1e-3 * scale, key
-        assert np.abs(fast[key] - reference[key]).mean() <= 1e-5 * scale, key
+        assert np.abs(fast[key] - reference[key]).mean() <= 1e-4 * scale, key
 
 
 def test_turned_off_it_falls_back_and_still_classifies(weights_path):
