@@ -49,6 +49,7 @@ def test_fine_tuning_gradients_equal_the_reference(imagenet_model, monkeypatch):
     model, _ = imagenet_model
     split = N_FEATURES - 1 - 3
     features = model.backbone(_samples(), 0, split)
+    mx.random.seed(0)  # the head's initialization
     tail = Tail(model, split, n_labels=3, dropout=0.0)
     labels = mx.array([0, 1, 2, 0, 1])
 
@@ -63,10 +64,10 @@ def test_fine_tuning_gradients_equal_the_reference(imagenet_model, monkeypatch):
     assert fast.keys() == reference.keys() and any("depthwise" in k for k in fast)
     for key in fast:
         # Summation order differs, so a value on relu6's edge (0 or 6) may pass its gradient in one
-        # and not the other: a few elements differ slightly, a wrong kernel differs everywhere.
-        scale = np.abs(reference[key]).max() + 1e-12
-        assert np.abs(fast[key] - reference[key]).max() <= 1e-3 * scale, key
-        assert np.abs(fast[key] - reference[key]).mean() <= 1e-4 * scale, key
+        # and not the other: a few elements differ, a wrong kernel differs everywhere. Hence a
+        # relative norm over the whole tensor rather than an elementwise bound.
+        error = np.linalg.norm(fast[key] - reference[key]) / (np.linalg.norm(reference[key]) + 1e-12)
+        assert error <= 2e-3, (key, error)
 
 
 def test_turned_off_it_falls_back_and_still_classifies(weights_path):
