@@ -65,9 +65,11 @@ def test_fine_tuning_gradients_equal_the_reference(imagenet_model, monkeypatch):
     for key in fast:
         # Summation order differs, so a value on relu6's edge (0 or 6) may pass its gradient in one
         # and not the other: a few elements differ, a wrong kernel differs everywhere. Hence a
-        # relative norm over the whole tensor rather than an elementwise bound.
+        # relative norm over the whole tensor rather than an elementwise bound. (Alone: about 1e-6;
+        # after the rest of the suite, with MLX's buffer cache warm, up to 2.6e-3 was seen. A
+        # wrong gradient is off by order 1.)
         error = np.linalg.norm(fast[key] - reference[key]) / (np.linalg.norm(reference[key]) + 1e-12)
-        assert error <= 2e-3, (key, error)
+        assert error <= 1e-2, (key, error)
 
 
 def test_turned_off_it_falls_back_and_still_classifies(weights_path):
