@@ -4,10 +4,11 @@ Layout follows torchvision: ``features[0]`` is the stem, ``features[1..17]`` the
 inverted residual blocks, ``features[18]`` the final 1x1 convolution, then global
 average pooling and a linear classifier. Tensors are NHWC.
 
-1x1 convolutions are GEMMs with the bias inside (``mx.addmm``); the stem is im2col
-+ GEMM. Depthwise 3x3 convolutions run watchtrain's fused kernel on MLX's CPU
-backend (``service/native.py``) and nine shifted multiply-adds elsewhere: MLX's
-grouped ``conv2d`` is slow on the CPU. Every formulation is exact and differentiable.
+1x1 convolutions are GEMMs with the bias inside (``mx.addmm``). On MLX's CPU backend the
+stem and the depthwise 3x3 convolutions run watchtrain's kernels (``service/native.py``);
+elsewhere the stem is ``mx.conv2d`` and a depthwise convolution nine shifted
+multiply-adds (MLX's grouped ``conv2d`` is slow on the CPU). All are exact; all but the
+native stem (never trained) are differentiable.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def pads_for(stride: int, padding: str) -> tuple[int, int]:
     return (1, 1)
 
 
+def _cpu_kernel():
+    """watchtrain's native kernels when MLX runs on the CPU and they are available, else None."""
+    return native.kernel() if mx.default_device() == mx.cpu else None
+
+
 def _relu6(x: mx.array) -> mx.array:
     return mx.minimum(mx.maximum(x, 0.0), 6.0)
 
@@ -95,7 +101,7 @@ class Conv3x3(nn.Module):
         self.pads = pads_for(stride, padding)
 
     def __call__(self, x: mx.array) -> mx.array:
-        kernel = native.kernel() if mx.default_device() == mx.cpu else None
+        kernel = _cpu_kernel()
         if kernel is not None:  # forward only: the stem is never trained
             return kernel.stem3x3_relu6(x, self.weight, self.bias, self.stride, [*self.pads, *self.pads])
         return stem_reference(x, self.weight, self.bias, self.stride, self.pads)
@@ -141,7 +147,7 @@ class Depthwise3x3(nn.Module):
         """With ``in_bias``, ``x`` is the expand convolution before its bias and relu6, which are
         applied as the kernel reads it: one pass fewer over the block's largest tensor."""
         taps = self.weight.reshape(self.weight.shape[0], 9).T  # [9, C]
-        kernel = native.kernel() if mx.default_device() == mx.cpu else None
+        kernel = _cpu_kernel()
         if kernel is not None:
             return kernel.depthwise3x3_relu6(x, mx.contiguous(taps), self.bias, self.stride,
                                              [*self.pads, *self.pads], in_bias)
