@@ -5,7 +5,8 @@ inverted residual blocks, ``features[18]`` the final 1x1 convolution, then globa
 average pooling and a linear classifier. Tensors are NHWC.
 
 1x1 convolutions are GEMMs with the bias inside (``mx.addmm``). On MLX's CPU backend the
-stem and the depthwise 3x3 convolutions run watchtrain's kernels (``service/native.py``);
+stem and the depthwise 3x3 convolutions run watchtrain's kernels (``service/native.py``),
+and in inference (``eval()``) mode each inverted residual block runs as one fused kernel;
 elsewhere the stem is ``mx.conv2d`` and a depthwise convolution nine shifted
 multiply-adds (MLX's grouped ``conv2d`` is slow on the CPU). All are exact; all but the
 native stem (never trained) are differentiable.
@@ -66,9 +67,12 @@ def pads_for(stride: int, padding: str) -> tuple[int, int]:
     return (1, 1)
 
 
-def _cpu_kernel():
-    """watchtrain's native kernels when MLX runs on the CPU and they are available, else None."""
-    return native.kernel() if mx.default_device() == mx.cpu else None
+def _cpu_kernel(*channels: int):
+    """watchtrain's native kernels when MLX runs on the CPU, they are available and every channel
+    count is a multiple of 8 (all of MobileNetV2's are), else None."""
+    if mx.default_device() != mx.cpu or any(c % 8 for c in channels):
+        return None
+    return native.kernel()
 
 
 def _relu6(x: mx.array) -> mx.array:
@@ -101,7 +105,7 @@ class Conv3x3(nn.Module):
         self.pads = pads_for(stride, padding)
 
     def __call__(self, x: mx.array) -> mx.array:
-        kernel = _cpu_kernel()
+        kernel = _cpu_kernel(self.weight.shape[0])
         if kernel is not None:  # forward only: the stem is never trained
             return kernel.stem3x3_relu6(x, self.weight, self.bias, self.stride, [*self.pads, *self.pads])
         return stem_reference(x, self.weight, self.bias, self.stride, self.pads)
@@ -129,6 +133,15 @@ def depthwise_reference(x: mx.array, taps: mx.array, bias: mx.array, stride: int
     return _relu6(y + bias)
 
 
+def block_reference(x: mx.array, taps: mx.array, bias: mx.array, project_t: mx.array, project_bias: mx.array,
+                    stride: int, pads: tuple[int, int], expand_t: mx.array | None = None,
+                    expand_bias: mx.array | None = None) -> mx.array:
+    """An inverted residual block in pure MLX, from the transposed 1x1 weights the fused kernel takes."""
+    h = x if expand_t is None else _relu6(x @ expand_t + expand_bias)
+    y = depthwise_reference(h, taps, bias, stride, pads) @ project_t + project_bias
+    return x + y if stride == 1 and x.shape[-1] == y.shape[-1] else y
+
+
 class Depthwise3x3(nn.Module):
     """Depthwise 3x3 convolution + bias + relu6. weight: [C, 3, 3, 1].
 
@@ -146,12 +159,14 @@ class Depthwise3x3(nn.Module):
     def __call__(self, x: mx.array, in_bias: mx.array | None = None) -> mx.array:
         """With ``in_bias``, ``x`` is the expand convolution before its bias and relu6, which are
         applied as the kernel reads it: one pass fewer over the block's largest tensor."""
-        taps = self.weight.reshape(self.weight.shape[0], 9).T  # [9, C]
-        kernel = _cpu_kernel()
+        kernel = _cpu_kernel(self.weight.shape[0])
         if kernel is not None:
-            return kernel.depthwise3x3_relu6(x, mx.contiguous(taps), self.bias, self.stride,
-                                             [*self.pads, *self.pads], in_bias)
-        return depthwise_reference(x, taps, self.bias, self.stride, self.pads, in_bias)
+            return kernel.depthwise3x3_relu6(x, self.taps(), self.bias, self.stride, [*self.pads, *self.pads], in_bias)
+        return depthwise_reference(x, self.taps(), self.bias, self.stride, self.pads, in_bias)
+
+    def taps(self) -> mx.array:
+        """The weights as [9, C] in (kh, kw) order, contiguous."""
+        return mx.contiguous(self.weight.reshape(self.weight.shape[0], 9).T)
 
 
 class Pointwise(nn.Module):
@@ -180,12 +195,23 @@ class InvertedResidual(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def __call__(self, x: mx.array) -> mx.array:
+        kernel = _cpu_kernel(self.depthwise.weight.shape[0], self.project.weight.shape[0])
+        if kernel is not None and not self.training:
+            return self._fused(kernel, x)
         if self.expand is None:
             y = self.depthwise(x)
         else:  # expand's bias and relu6 happen inside the depthwise step
             y = self.depthwise(x @ self.expand.weight.T, in_bias=self.expand.bias)
         y = self.project(y)
         return x + y if self.residual else y
+
+    def _fused(self, kernel, x: mx.array) -> mx.array:
+        """The whole block in one native pass (inference): its 6x-wide activation never leaves
+        the cache. Training runs the separate steps above, each with its own gradient."""
+        d = self.depthwise
+        expand = () if self.expand is None else (mx.contiguous(self.expand.weight.T), self.expand.bias)
+        return kernel.inverted_residual(x, d.taps(), d.bias, mx.contiguous(self.project.weight.T), self.project.bias,
+                                        d.stride, [*d.pads, *d.pads], *expand)
 
 
 class MobileNetV2(nn.Module):

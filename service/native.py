@@ -132,36 +132,50 @@ def _import(path: Path) -> ModuleType:
 
 
 def _self_test(module: ModuleType) -> None:
-    """The kernel must match the pure-MLX formulation, forward and gradients, at both strides."""
+    """The kernels must match the pure-MLX formulation, forward and gradients, at both strides."""
     import mlx.core as mx
     import numpy as np
 
-    from service.mobilenet import depthwise_reference, stem_reference
+    from service.mobilenet import block_reference, depthwise_reference, stem_reference
 
     rng = np.random.default_rng(0)
+
+    def rand(*shape: int, scale: float = 1.0, low: float | None = None, high: float | None = None) -> mx.array:
+        values = rng.normal(size=shape) * scale if low is None else rng.uniform(low, high, shape)
+        return mx.array(values.astype(np.float32))
+
     for stride, pads in ((2, (0, 1)), (2, (1, 1))):
-        x = mx.array(rng.uniform(-1, 1, (2, 12, 10, 3)).astype(np.float32))
-        w = mx.array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32))
-        b = mx.array(rng.normal(size=(8,)).astype(np.float32))
-        want, have = stem_reference(x, w, b, stride, pads), module.stem3x3_relu6(x, w, b, stride, [*pads, *pads])
-        if want.shape != have.shape or not np.allclose(np.array(want), np.array(have), atol=1e-4, rtol=1e-4):
-            raise RuntimeError(f"self-test mismatch in the stem at stride {stride}, pads {pads}")
+        _same(f"the stem at stride {stride}, pads {pads}", rng,
+              lambda *a: stem_reference(*a, stride, pads), lambda *a: module.stem3x3_relu6(*a, stride, [*pads, *pads]),
+              (rand(2, 12, 10, 3, low=-1, high=1), rand(8, 3, 3, 3), rand(8)), gradients=False)
     for stride, pads, fused in ((1, (1, 1), False), (2, (0, 1), True), (2, (1, 1), False), (1, (1, 1), True)):
-        x = mx.array(rng.uniform(-1, 7, (2, 9, 10, 12)).astype(np.float32))
-        w = mx.array(rng.normal(size=(9, 12)).astype(np.float32))
-        b = mx.array(rng.normal(size=(12,)).astype(np.float32))
-        ib = mx.array(rng.normal(size=(12,)).astype(np.float32))
+        _same(f"the depthwise step at stride {stride}, pads {pads}, fused input {fused}", rng,
+              lambda x, w, b, ib: depthwise_reference(x, w, b, stride, pads, ib if fused else None),
+              lambda x, w, b, ib: module.depthwise3x3_relu6(x, w, b, stride, [*pads, *pads], ib if fused else None),
+              (rand(2, 9, 10, 16, low=-1, high=7), rand(9, 16), rand(16), rand(16)))
+    # Expanding and residual; stride 2 with TensorFlow SAME padding; no expansion (the first block).
+    for stride, pads, cin, hidden, cout in ((1, (1, 1), 8, 24, 8), (2, (0, 1), 8, 16, 16), (1, (1, 1), 16, 16, 8)):
+        expand = (rand(cin, hidden, scale=0.5), rand(hidden)) if hidden != cin else ()
+        _same(f"the inverted residual block at stride {stride}, pads {pads}, {cin}->{hidden}->{cout}", rng,
+              lambda *a: block_reference(*a[:5], stride, pads, *a[5:]),
+              lambda *a: module.inverted_residual(*a[:5], stride, [*pads, *pads], *a[5:]),
+              (rand(2, 9, 10, cin, low=-1, high=2), rand(9, hidden, scale=0.5), rand(hidden),
+               rand(hidden, cout, scale=0.3), rand(cout), *expand))
 
-        def ref(x, w, b, ib):
-            return depthwise_reference(x, w, b, stride, pads, ib if fused else None)
 
-        def got(x, w, b, ib):
-            return module.depthwise3x3_relu6(x, w, b, stride, [*pads, *pads], ib if fused else None)
+def _same(what: str, rng, reference, kernel, args: tuple, gradients: bool = True) -> None:
+    """Raise unless ``kernel(*args)`` equals ``reference(*args)``, and so do their gradients."""
+    import mlx.core as mx
+    import numpy as np
 
-        cot = mx.array(rng.normal(size=ref(x, w, b, ib).shape).astype(np.float32))
-        args = (x, w, b, ib)
-        wanted = (ref(*args), *mx.grad(lambda *a: (ref(*a) * cot).sum(), argnums=(0, 1, 2, 3))(*args))
-        found = (got(*args), *mx.grad(lambda *a: (got(*a) * cot).sum(), argnums=(0, 1, 2, 3))(*args))
-        for want, have in zip(wanted, found):
-            if want.shape != have.shape or not np.allclose(np.array(want), np.array(have), atol=1e-4, rtol=1e-4):
-                raise RuntimeError(f"self-test mismatch at stride {stride}, pads {pads}, fused input {fused}")
+    want = reference(*args)
+    cotangent = mx.array(rng.normal(size=want.shape).astype(np.float32))
+    wanted, found = [want], [kernel(*args)]
+    if gradients:
+        argnums = tuple(range(len(args)))
+        for fn, into in ((reference, wanted), (kernel, found)):
+            into.extend(mx.grad(lambda *a: (fn(*a) * cotangent).sum(), argnums=argnums)(*args))
+    for a, b in zip(wanted, found):
+        a, b = np.array(a), np.array(b)
+        if a.shape != b.shape or not np.allclose(a, b, atol=1e-4 * max(1.0, float(np.abs(a).max())), rtol=1e-4):
+            raise RuntimeError(f"self-test mismatch in {what}")

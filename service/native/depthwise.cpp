@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <future>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -30,16 +31,7 @@ namespace nb = nanobind;
 
 namespace {
 
-struct Geometry {
-  int B, H, W, C, Ho, Wo, stride, pad_top, pad_left;
-  bool act_in;  // the input is relu6(x + in_bias): the expand convolution's activation, fused
-};
-
-Geometry geometry(const mx::array& x, int stride, const std::vector<int>& pads, bool act_in) {
-  int H = x.shape(1), W = x.shape(2);
-  return {x.shape(0), H, W, x.shape(3), (H + pads[0] + pads[1] - 3) / stride + 1,
-          (W + pads[2] + pads[3] - 3) / stride + 1, stride, pads[0], pads[2], act_in};
-}
+// ---- Threads ----
 
 ThreadPool& pool() {
   static ThreadPool instance(std::max(1u, std::thread::hardware_concurrency()));
@@ -68,155 +60,12 @@ void parallel_for(int n, F body) {
   for (auto& f : done) f.get();
 }
 
-inline float relu6(float v) { return std::min(std::max(v, 0.0f), 6.0f); }
-inline bool inside(float v) { return v > 0.0f && v < 6.0f; }  // where relu6 passes gradients
-
-// f(tap index k = 3i + j, offset of input pixel (n, h, w) in x) for each tap of output (n, ho, wo)
-// that falls inside the image: padding reads as zero.
-template <class F>
-inline void for_each_tap(const Geometry& g, int n, int ho, int wo, F f) {
-  for (int i = 0; i < 3; ++i) {
-    const int h = ho * g.stride + i - g.pad_top;
-    if (h < 0 || h >= g.H) continue;
-    for (int j = 0; j < 3; ++j) {
-      const int w = wo * g.stride + j - g.pad_left;
-      if (w < 0 || w >= g.W) continue;
-      f(i * 3 + j, ((static_cast<size_t>(n) * g.H + h) * g.W + w) * g.C);
-    }
-  }
-}
-
-// y = relu6(b + body(...)) for each output pixel, rows split across threads: body(n, ho, wo, out)
-// adds the convolution into out, which starts as the bias.
-template <class F>
-void conv_bias_relu6(const Geometry& g, int channels, const float* b, float* y, F body) {
-  parallel_for(g.B * g.Ho, [&](int begin, int end) {
-    for (int row = begin; row < end; ++row) {
-      const int n = row / g.Ho, ho = row % g.Ho;
-      for (int wo = 0; wo < g.Wo; ++wo) {
-        float* out = y + (static_cast<size_t>(row) * g.Wo + wo) * channels;
-        std::memcpy(out, b, channels * sizeof(float));
-        body(n, ho, wo, out);
-        for (int c = 0; c < channels; ++c) out[c] = relu6(out[c]);
-      }
-    }
-  });
-}
-
-void forward(const Geometry& g, const float* x, const float* w, const float* b, const float* ib, float* y) {
-  const int C = g.C;
-  conv_bias_relu6(g, C, b, y, [&](int n, int ho, int wo, float* out) {
-    for_each_tap(g, n, ho, wo, [&](int k, size_t at) {
-      const float* in = x + at;
-      const float* tap = w + k * C;
-      if (g.act_in) {
-        for (int c = 0; c < C; ++c) out[c] += relu6(in[c] + ib[c]) * tap[c];
-      } else {
-        for (int c = 0; c < C; ++c) out[c] += in[c] * tap[c];
-      }
-    });
-  });
-}
-
-// dz = g where 0 < y < 6 (relu6's gradient), then the gradients of the convolution and, with
-// act_in, of the input activation (dx is then the gradient of the pre-activation x).
-void backward(const Geometry& g, const float* x, const float* w, const float* ib, const float* y,
-              const float* gy, float* dx, float* dw, float* db, float* dib) {
-  const int C = g.C;
-  const int rows = g.B * g.Ho;
-  const int parts = std::min(n_threads(), std::max(1, rows));
-  std::vector<std::vector<float>> partial(parts, std::vector<float>(10 * C, 0.0f));  // 9 taps + bias
-  // Kept between calls: a fresh 10+ MB buffer each step would be page-faulted in again.
-  // (thread_local: one per calling stream thread; the workers below use it through dz_buf.)
-  thread_local std::vector<float> dz_all;
-  dz_all.resize(static_cast<size_t>(rows) * g.Wo * C);
-  float* const dz_buf = dz_all.data();
-  const int step = (rows + parts - 1) / parts;
-  parallel_for(parts, [&](int first, int last) {
-    for (int part = first; part < last; ++part) {
-      float* acc = partial[part].data();
-      for (int row = part * step; row < std::min(rows, (part + 1) * step); ++row) {
-        const int n = row / g.Ho, ho = row % g.Ho;
-        for (int wo = 0; wo < g.Wo; ++wo) {
-          const size_t o = (static_cast<size_t>(row) * g.Wo + wo) * C;
-          float* dz = dz_buf + o;
-          for (int c = 0; c < C; ++c) dz[c] = inside(y[o + c]) ? gy[o + c] : 0.0f;
-          for (int c = 0; c < C; ++c) acc[9 * C + c] += dz[c];
-          for_each_tap(g, n, ho, wo, [&](int k, size_t at) {
-            const float* in = x + at;
-            float* t = acc + k * C;
-            if (g.act_in) {
-              for (int c = 0; c < C; ++c) t[c] += dz[c] * relu6(in[c] + ib[c]);
-            } else {
-              for (int c = 0; c < C; ++c) t[c] += dz[c] * in[c];
-            }
-          });
-        }
-      }
-    }
-  });
-  std::fill(dw, dw + 9 * C, 0.0f);
-  std::fill(db, db + C, 0.0f);
-  for (auto& p : partial) {
-    for (int k = 0; k < 9 * C; ++k) dw[k] += p[k];
-    for (int c = 0; c < C; ++c) db[c] += p[9 * C + c];
-  }
-  // dx gathers, for each input pixel, the outputs whose window covers it: no write races.
-  parallel_for(g.B * g.H, [&](int begin, int end) {
-    for (int row = begin; row < end; ++row) {
-      const int n = row / g.H, h = row % g.H;
-      for (int ww = 0; ww < g.W; ++ww) {
-        float* out = dx + (static_cast<size_t>(row) * g.W + ww) * C;
-        std::fill(out, out + C, 0.0f);
-        for (int i = 0; i < 3; ++i) {
-          const int th = h + g.pad_top - i;
-          if (th < 0 || th % g.stride) continue;
-          const int ho = th / g.stride;
-          if (ho >= g.Ho) continue;
-          for (int j = 0; j < 3; ++j) {
-            const int tw = ww + g.pad_left - j;
-            if (tw < 0 || tw % g.stride) continue;
-            const int wo = tw / g.stride;
-            if (wo >= g.Wo) continue;
-            const float* dz = dz_buf + ((static_cast<size_t>(n) * g.Ho + ho) * g.Wo + wo) * C;
-            const float* tap = w + (i * 3 + j) * C;
-            for (int c = 0; c < C; ++c) out[c] += dz[c] * tap[c];
-          }
-        }
-        if (g.act_in) {
-          const float* in = x + (static_cast<size_t>(row) * g.W + ww) * C;
-          for (int c = 0; c < C; ++c) out[c] = inside(in[c] + ib[c]) ? out[c] : 0.0f;
-        }
-      }
-    }
-  });
-  // The input bias gradient is the sum of dx over every pixel.
-  std::fill(dib, dib + C, 0.0f);
-  if (g.act_in) {
-    const size_t pixels = static_cast<size_t>(g.B) * g.H * g.W;
-    for (size_t p = 0; p < pixels; ++p) {
-      for (int c = 0; c < C; ++c) dib[c] += dx[p * C + c];
-    }
-  }
-}
-
-// ---- Fused inverted residual block (inference): expand 1x1, depthwise 3x3, project 1x1 ----
-//
-// Unfused, each block writes its 6x-expanded activation to memory and reads it back twice
-// (at 112x112 that is 77 MB per batch of 16, most of the block's time). Here each thread
-// walks bands of output rows: it expands just the input rows a band needs into a buffer
-// that stays in L2 (keeping the overlap with the previous band), runs the depthwise
-// convolution on it, and projects the result straight into the output. The 1x1
-// convolutions are register-tiled GEMMs (GCC vector extensions: AVX-512/AVX2/NEON).
+// ---- Eight channels at a time (GCC vector extensions: AVX-512/AVX2 on x86, NEON on ARM) ----
+// Every channel count must be a multiple of 8, as all of MobileNetV2's are; the entry points check.
 
 typedef float V8 __attribute__((vector_size(32)));
+typedef int V8i __attribute__((vector_size(32)));
 constexpr int kVec = 8;
-constexpr int kRows = 6;  // pixels per GEMM tile
-#if defined(__AVX512F__)
-constexpr int kCols = 4;  // 8-float vectors per GEMM tile: 24 accumulators fit in 32 registers
-#else
-constexpr int kCols = 2;  // 12 accumulators fit in 16 registers
-#endif
 
 inline V8 load(const float* p) {
   V8 v;
@@ -224,11 +73,190 @@ inline V8 load(const float* p) {
   return v;
 }
 inline void store(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+inline void add_to(float* p, V8 v) { store(p, load(p) + v); }
 inline V8 relu6(V8 v) {
   const V8 zero = {}, six = zero + 6.0f;
   v = v > zero ? v : zero;
   return v < six ? v : six;
 }
+// v where relu6 passes gradients (0 < a < 6), else 0.
+inline V8 where_inside(V8 a, V8 v) {
+  const V8 zero = {}, six = zero + 6.0f;
+  const V8i inside = (a > zero) & (a < six);
+  return inside ? v : zero;
+}
+
+// ---- Depthwise 3x3 convolution + bias + relu6 ----
+
+struct Geometry {
+  int B, H, W, C, Ho, Wo, stride, pad_top, pad_left;
+  bool act_in;  // the input is relu6(x + in_bias): the expand convolution's activation, fused
+};
+
+Geometry geometry(const mx::array& x, int stride, const std::vector<int>& pads, bool act_in) {
+  int H = x.shape(1), W = x.shape(2);
+  return {x.shape(0), H, W, x.shape(3), (H + pads[0] + pads[1] - 3) / stride + 1,
+          (W + pads[2] + pads[3] - 3) / stride + 1, stride, pads[0], pads[2], act_in};
+}
+
+// Output rows [ho0, ho1) of relu6(depthwise(a(band)) + bias) into out (rows of Wo x C); band holds
+// the input rows of one image from row lo; a(v) = relu6(v + ib) when ib is given, else v. Per
+// eight channels the nine taps stay in registers (one load per multiply-add); only the edge
+// columns check bounds.
+void depthwise_rows(const Geometry& g, const float* band, int lo, int ho0, int ho1, const float* taps,
+                    const float* bias, const float* ib, float* out) {
+  const int C = g.C, s = g.stride;
+  // Output columns whose three input columns are all inside the image.
+  const int inner_begin = std::min(g.Wo, (g.pad_left + s - 1) / s);
+  const int inner_end = std::max(inner_begin, std::min(g.Wo, (g.W - 3 + g.pad_left) / s + 1));
+  for (int ho = ho0; ho < ho1; ++ho) {
+    const float* rows[3];  // nullptr where the window is over padding
+    for (int i = 0; i < 3; ++i) {
+      const int h = ho * s + i - g.pad_top;
+      rows[i] = h < 0 || h >= g.H ? nullptr : band + static_cast<size_t>(h - lo) * g.W * C;
+    }
+    float* o = out + static_cast<size_t>(ho - ho0) * g.Wo * C;
+    for (int c = 0; c < C; c += kVec) {
+      V8 t[9];
+      for (int k = 0; k < 9; ++k) t[k] = load(taps + k * C + c);
+      const V8 b = load(bias + c), in_b = ib ? load(ib + c) : V8{};
+      auto a = [&](const float* p) { return ib ? relu6(load(p) + in_b) : load(p); };
+      auto edge = [&](int wo) {
+        V8 acc = b;
+        for (int i = 0; i < 3; ++i) {
+          if (!rows[i]) continue;
+          for (int j = 0; j < 3; ++j) {
+            const int w = wo * s - g.pad_left + j;
+            if (w >= 0 && w < g.W) acc += a(rows[i] + static_cast<size_t>(w) * C + c) * t[i * 3 + j];
+          }
+        }
+        store(o + static_cast<size_t>(wo) * C + c, relu6(acc));
+      };
+      for (int wo = 0; wo < inner_begin; ++wo) edge(wo);
+      for (int wo = inner_begin; wo < inner_end; ++wo) {
+        const size_t at = static_cast<size_t>(wo * s - g.pad_left) * C + c;
+        V8 acc = b;
+        for (int i = 0; i < 3; ++i) {
+          if (!rows[i]) continue;
+          const float* in = rows[i] + at;
+          acc += a(in) * t[i * 3] + a(in + C) * t[i * 3 + 1] + a(in + 2 * C) * t[i * 3 + 2];
+        }
+        store(o + static_cast<size_t>(wo) * C + c, relu6(acc));
+      }
+      for (int wo = inner_end; wo < g.Wo; ++wo) edge(wo);
+    }
+  }
+}
+
+void forward(const Geometry& g, const float* x, const float* w, const float* b, const float* ib, float* y) {
+  parallel_for(g.B * g.Ho, [&](int begin, int end) {
+    for (int row = begin; row < end; ++row) {
+      const int n = row / g.Ho, ho = row % g.Ho;
+      depthwise_rows(g, x + static_cast<size_t>(n) * g.H * g.W * g.C, 0, ho, ho + 1, w, b, g.act_in ? ib : nullptr,
+                     y + static_cast<size_t>(row) * g.Wo * g.C);
+    }
+  });
+}
+
+// dz = dy where 0 < y < 6 (relu6's gradient), then the gradients of the taps and bias (sums of dz
+// times the input over rows of outputs, per thread) and of the input (each input pixel gathers the
+// outputs whose window covers it: no write races); with act_in dx is the gradient of the
+// pre-activation x and din_bias its sum over pixels.
+void backward(const Geometry& g, const float* x, const float* w, const float* ib, const float* y,
+              const float* dy, float* dx, float* dw, float* db, float* dib) {
+  const int C = g.C, s = g.stride, rows = g.B * g.Ho;
+  // Kept between calls: a fresh 10+ MB buffer each step would be page-faulted in again.
+  // (thread_local: one per calling stream thread; the workers below use it through dz_all.)
+  thread_local std::vector<float> dz_buffer;
+  dz_buffer.resize(static_cast<size_t>(rows) * g.Wo * C);
+  float* const dz_all = dz_buffer.data();
+  std::mutex lock;
+  std::fill(dw, dw + 9 * C, 0.0f);
+  std::fill(db, db + C, 0.0f);
+  std::fill(dib, dib + C, 0.0f);
+  parallel_for(rows, [&](int begin, int end) {
+    std::vector<float> sums(10 * C, 0.0f);  // 9 taps, then the bias
+    for (int row = begin; row < end; ++row) {
+      const int n = row / g.Ho, ho = row % g.Ho;
+      const float* in_rows[3];
+      for (int i = 0; i < 3; ++i) {
+        const int h = ho * s + i - g.pad_top;
+        in_rows[i] = h < 0 || h >= g.H ? nullptr : x + ((static_cast<size_t>(n) * g.H + h) * g.W) * C;
+      }
+      for (int c = 0; c < C; c += kVec) {
+        V8 t[9] = {}, bias_sum = {};
+        const V8 in_b = g.act_in ? load(ib + c) : V8{};
+        for (int wo = 0; wo < g.Wo; ++wo) {
+          const size_t o = (static_cast<size_t>(row) * g.Wo + wo) * C + c;
+          const V8 dz = where_inside(load(y + o), load(dy + o));
+          store(dz_all + o, dz);
+          bias_sum += dz;
+          for (int i = 0; i < 3; ++i) {
+            if (!in_rows[i]) continue;
+            for (int j = 0; j < 3; ++j) {
+              const int ww = wo * s - g.pad_left + j;
+              if (ww < 0 || ww >= g.W) continue;
+              const V8 v = load(in_rows[i] + static_cast<size_t>(ww) * C + c);
+              t[i * 3 + j] += dz * (g.act_in ? relu6(v + in_b) : v);
+            }
+          }
+        }
+        for (int k = 0; k < 9; ++k) add_to(sums.data() + k * C + c, t[k]);
+        add_to(sums.data() + 9 * C + c, bias_sum);
+      }
+    }
+    std::lock_guard<std::mutex> hold(lock);
+    for (int k = 0; k < 9 * C; ++k) dw[k] += sums[k];
+    for (int c = 0; c < C; ++c) db[c] += sums[9 * C + c];
+  });
+  parallel_for(g.B * g.H, [&](int begin, int end) {
+    std::vector<float> in_bias_sum(C, 0.0f);
+    for (int row = begin; row < end; ++row) {
+      const int n = row / g.H, h = row % g.H;
+      const float* dz_rows[3];  // the output rows whose window row i covers this input row
+      for (int i = 0; i < 3; ++i) {
+        const int th = h + g.pad_top - i;
+        const bool hit = th >= 0 && th % s == 0 && th / s < g.Ho;
+        dz_rows[i] = hit ? dz_all + ((static_cast<size_t>(n) * g.Ho + th / s) * g.Wo) * C : nullptr;
+      }
+      for (int c = 0; c < C; c += kVec) {
+        V8 t[9];
+        for (int k = 0; k < 9; ++k) t[k] = load(w + k * C + c);
+        const V8 in_b = g.act_in ? load(ib + c) : V8{};
+        V8 sum = {};
+        for (int ww = 0; ww < g.W; ++ww) {
+          V8 acc = {};
+          for (int j = 0; j < 3; ++j) {
+            const int tw = ww + g.pad_left - j;
+            if (tw < 0 || tw % s || tw / s >= g.Wo) continue;
+            const size_t at = static_cast<size_t>(tw / s) * C + c;
+            for (int i = 0; i < 3; ++i) {
+              if (dz_rows[i]) acc += load(dz_rows[i] + at) * t[i * 3 + j];
+            }
+          }
+          const size_t at = (static_cast<size_t>(row) * g.W + ww) * C + c;
+          if (g.act_in) {
+            acc = where_inside(load(x + at) + in_b, acc);
+            sum += acc;
+          }
+          store(dx + at, acc);
+        }
+        if (g.act_in) add_to(in_bias_sum.data() + c, sum);
+      }
+    }
+    std::lock_guard<std::mutex> hold(lock);
+    for (int c = 0; c < C; ++c) dib[c] += in_bias_sum[c];
+  });
+}
+
+// ---- GEMM for the 1x1 convolutions: register tiles of kRows pixels x kCols vectors ----
+
+constexpr int kRows = 6;
+#if defined(__AVX512F__)
+constexpr int kCols = 4;  // 24 accumulators fit in 32 vector registers
+#else
+constexpr int kCols = 2;  // 12 accumulators fit in 16
+#endif
 
 enum class Epilogue { kRelu6, kNone, kResidual };
 
@@ -283,31 +311,30 @@ TileFn tile_for(int mr, int nv) {
   }
 }
 
-// C[M x N] = A[M x K] B[K x N] + bias, with the epilogue; R (residual) is laid out like C.
+// C[M x N] = A[M x K] B[K x N] + bias, then the epilogue; R (the residual) is laid out like C.
 template <Epilogue E>
 void gemm(int M, int N, int K, const float* A, const float* B, const float* bias, float* C, const float* R) {
-  const int vector_cols = N - N % kVec;
-  for (int j = 0; j < vector_cols; j += kVec * kCols) {
-    const int nv = std::min(kCols, (vector_cols - j) / kVec);
+  for (int j = 0; j < N; j += kVec * kCols) {
+    const int nv = std::min(kCols, (N - j) / kVec);
     for (int i = 0; i < M; i += kRows) {
-      const int mr = std::min(kRows, M - i);
       const size_t at = static_cast<size_t>(i) * N + j;
-      tile_for<E>(mr, nv)(K, A + static_cast<size_t>(i) * K, K, B + j, N, bias + j, C + at, N,
-                          E == Epilogue::kResidual ? R + at : nullptr);
-    }
-  }
-  for (int i = 0; i < M; ++i) {  // channels past the last multiple of 8 (none in MobileNetV2)
-    for (int j = vector_cols; j < N; ++j) {
-      float sum = bias[j];
-      for (int k = 0; k < K; ++k) sum += A[static_cast<size_t>(i) * K + k] * B[static_cast<size_t>(k) * N + j];
-      const size_t at = static_cast<size_t>(i) * N + j;
-      C[at] = E == Epilogue::kRelu6 ? relu6(sum) : E == Epilogue::kResidual ? sum + R[at] : sum;
+      tile_for<E>(std::min(kRows, M - i), nv)(K, A + static_cast<size_t>(i) * K, K, B + j, N, bias + j, C + at, N,
+                                              E == Epilogue::kResidual ? R + at : nullptr);
     }
   }
 }
 
+// ---- Fused inverted residual block (inference): expand 1x1, depthwise 3x3, project 1x1 ----
+//
+// Unfused, each block writes its 6x-expanded activation to memory and reads it back twice
+// (at 112x112 that is 77 MB per batch of 16, most of the block's time). Here each thread
+// walks bands of output rows: it expands just the input rows a band needs into a buffer
+// that stays in L2 (keeping the overlap with the previous band), runs the depthwise
+// convolution on it, and projects the result straight into the output.
+
 struct BlockGeometry {
-  int B, H, W, Cin, Ch, Cout, Ho, Wo, stride, pad_top, pad_left;
+  Geometry dw;  // of the depthwise step, over the expanded channels
+  int Cin, Cout;
   bool expand, residual;
 };
 
@@ -315,112 +342,55 @@ BlockGeometry block_geometry(const std::vector<mx::array>& in, int stride, const
                              bool expand) {
   const mx::array& x = in[0];
   const int H = x.shape(1), W = x.shape(2), Cin = x.shape(3), Cout = in[3].shape(1);
-  return {x.shape(0), H, W, Cin, in[1].shape(1), Cout, (H + pads[0] + pads[1] - 3) / stride + 1,
-          (W + pads[2] + pads[3] - 3) / stride + 1, stride, pads[0], pads[2], expand,
-          stride == 1 && Cin == Cout};
-}
-
-// Output rows [ho0, ho1) of relu6(depthwise(band) + bias) into out; band holds input rows from lo,
-// zeros a row of zeros (the padding rows). Eight channels at a time with their nine taps in
-// registers (one load per multiply-add); only the edge columns check bounds.
-void depthwise_band(const BlockGeometry& g, const float* band, const float* zeros, int lo, int ho0, int ho1,
-                    const float* taps, const float* bias, float* out) {
-  const int C = g.Ch, vector_channels = C - C % kVec, s = g.stride;
-  // Output columns whose three input columns are all inside the image.
-  const int inner_begin = std::min(g.Wo, (g.pad_left + s - 1) / s);
-  const int inner_end = std::max(inner_begin, std::min(g.Wo, (g.W - 3 + g.pad_left) / s + 1));
-  for (int ho = ho0; ho < ho1; ++ho) {
-    const float* rows[3];
-    for (int i = 0; i < 3; ++i) {
-      const int h = ho * s + i - g.pad_top;
-      rows[i] = h < 0 || h >= g.H ? zeros : band + static_cast<size_t>(h - lo) * g.W * C;
-    }
-    float* o = out + static_cast<size_t>(ho - ho0) * g.Wo * C;
-    for (int c = 0; c < vector_channels; c += kVec) {
-      V8 t[9];
-      for (int k = 0; k < 9; ++k) t[k] = load(taps + k * C + c);
-      const V8 b = load(bias + c);
-      auto edge = [&](int wo) {
-        V8 acc = b;
-        for (int i = 0; i < 3; ++i) {
-          for (int j = 0; j < 3; ++j) {
-            const int w = wo * s - g.pad_left + j;
-            if (w >= 0 && w < g.W) acc += load(rows[i] + static_cast<size_t>(w) * C + c) * t[i * 3 + j];
-          }
-        }
-        store(o + static_cast<size_t>(wo) * C + c, relu6(acc));
-      };
-      for (int wo = 0; wo < inner_begin; ++wo) edge(wo);
-      for (int wo = inner_begin; wo < inner_end; ++wo) {
-        const size_t at = static_cast<size_t>(wo * s - g.pad_left) * C + c;
-        V8 acc = b;
-        for (int i = 0; i < 3; ++i) {
-          const float* in = rows[i] + at;
-          acc += load(in) * t[i * 3] + load(in + C) * t[i * 3 + 1] + load(in + 2 * C) * t[i * 3 + 2];
-        }
-        store(o + static_cast<size_t>(wo) * C + c, relu6(acc));
-      }
-      for (int wo = inner_end; wo < g.Wo; ++wo) edge(wo);
-    }
-    for (int c = vector_channels; c < C; ++c) {  // channels past the last multiple of 8
-      for (int wo = 0; wo < g.Wo; ++wo) {
-        float acc = bias[c];
-        for (int i = 0; i < 3; ++i) {
-          for (int j = 0; j < 3; ++j) {
-            const int w = wo * s - g.pad_left + j;
-            if (w >= 0 && w < g.W) acc += rows[i][static_cast<size_t>(w) * C + c] * taps[(i * 3 + j) * C + c];
-          }
-        }
-        o[static_cast<size_t>(wo) * C + c] = relu6(acc);
-      }
-    }
-  }
+  const Geometry dw{x.shape(0), H, W, in[1].shape(1), (H + pads[0] + pads[1] - 3) / stride + 1,
+                    (W + pads[2] + pads[3] - 3) / stride + 1, stride, pads[0], pads[2], false};
+  return {dw, Cin, Cout, expand, stride == 1 && Cin == Cout};
 }
 
 // we: [Cin, Ch] and wp: [Ch, Cout] (transposed 1x1 weights); taps: [9, Ch].
-void block_forward(const BlockGeometry& g, const float* x, const float* taps, const float* bd, const float* wp,
+void block_forward(const BlockGeometry& bg, const float* x, const float* taps, const float* bd, const float* wp,
                    const float* bp, const float* we, const float* be, float* y) {
-  const size_t in_row = static_cast<size_t>(g.W) * g.Cin, ex_row = static_cast<size_t>(g.W) * g.Ch;
+  const Geometry& g = bg.dw;
+  const size_t in_row = static_cast<size_t>(g.W) * bg.Cin, ex_row = static_cast<size_t>(g.W) * g.C;
   // Output rows per band: the expanded input rows it reads should fit in about 384 KB of L2.
   const long budget = (384 << 10) / sizeof(float);
   const int band_rows = static_cast<int>(std::clamp((budget / static_cast<long>(ex_row) - 2) / g.stride, 1L,
                                                     static_cast<long>(g.Ho)));
   parallel_for(g.B * g.Ho, [&](int begin, int end) {
-    std::vector<float> ex(g.expand ? (band_rows * g.stride + 2) * ex_row : 0);
-    std::vector<float> dw(static_cast<size_t>(band_rows) * g.Wo * g.Ch), zeros(ex_row);
+    std::vector<float> ex(bg.expand ? (band_rows * g.stride + 2) * ex_row : 0);
+    std::vector<float> dw(static_cast<size_t>(band_rows) * g.Wo * g.C);
     int held_n = -1, held_lo = 0, held_hi = 0;  // expanded rows [held_lo, held_hi) of image held_n are in ex
     for (int row = begin; row < end;) {
       const int n = row / g.Ho, ho0 = row % g.Ho;
       const int ho1 = std::min({g.Ho, ho0 + band_rows, ho0 + (end - row)});
       const int lo = std::max(0, ho0 * g.stride - g.pad_top);
       const int hi = std::min(g.H, (ho1 - 1) * g.stride - g.pad_top + 3);
-      const float* image = x + static_cast<size_t>(n) * g.H * in_row;
-      const float* band = image + lo * in_row;
-      if (g.expand) {  // relu6(x @ we + be) for rows [lo, hi), reusing the rows the last band shared
+      const float* band = x + (static_cast<size_t>(n) * g.H + lo) * in_row;
+      if (bg.expand) {  // relu6(x @ we + be) for rows [lo, hi), reusing the rows the last band shared
         int keep = 0;
         if (held_n == n && held_lo <= lo && held_hi > lo) {
           keep = std::min(held_hi, hi) - lo;
           std::memmove(ex.data(), ex.data() + (lo - held_lo) * ex_row, keep * ex_row * sizeof(float));
         }
-        gemm<Epilogue::kRelu6>((hi - lo - keep) * g.W, g.Ch, g.Cin, band + keep * in_row, we, be,
+        gemm<Epilogue::kRelu6>((hi - lo - keep) * g.W, g.C, bg.Cin, band + keep * in_row, we, be,
                                ex.data() + keep * ex_row, nullptr);
         held_n = n, held_lo = lo, held_hi = hi;
         band = ex.data();
       }
-      depthwise_band(g, band, zeros.data(), lo, ho0, ho1, taps, bd, dw.data());
+      depthwise_rows(g, band, lo, ho0, ho1, taps, bd, nullptr, dw.data());
       const size_t at = (static_cast<size_t>(n) * g.Ho + ho0) * g.Wo;
       const int pixels = (ho1 - ho0) * g.Wo;
-      if (g.residual) {
-        gemm<Epilogue::kResidual>(pixels, g.Cout, g.Ch, dw.data(), wp, bp, y + at * g.Cout, x + at * g.Cin);
+      if (bg.residual) {
+        gemm<Epilogue::kResidual>(pixels, bg.Cout, g.C, dw.data(), wp, bp, y + at * bg.Cout, x + at * bg.Cin);
       } else {
-        gemm<Epilogue::kNone>(pixels, g.Cout, g.Ch, dw.data(), wp, bp, y + at * g.Cout, nullptr);
+        gemm<Epilogue::kNone>(pixels, bg.Cout, g.C, dw.data(), wp, bp, y + at * bg.Cout, nullptr);
       }
       row += ho1 - ho0;
     }
   });
 }
 
-// Dense 3x3 convolution (the 3-channel stem) + bias + relu6. w: [cout, 3, 3, C] (OHWI).
+// ---- Dense 3x3 convolution (the 3-channel stem) + bias + relu6. w: [cout, 3, 3, C] (OHWI) ----
 // Each output row's 3x3xC patches are gathered (zeros for padding), then multiplied as one GEMM.
 void stem_forward(const Geometry& g, int cout, const float* x, const float* w, const float* b, float* y) {
   const int K = 9 * g.C;
@@ -434,7 +404,16 @@ void stem_forward(const Geometry& g, int cout, const float* x, const float* w, c
       std::fill(patches.begin(), patches.end(), 0.0f);
       for (int wo = 0; wo < g.Wo; ++wo) {
         float* p = patches.data() + static_cast<size_t>(wo) * K;
-        for_each_tap(g, n, ho, wo, [&](int k, size_t at) { std::memcpy(p + k * g.C, x + at, g.C * sizeof(float)); });
+        for (int i = 0; i < 3; ++i) {
+          const int h = ho * g.stride + i - g.pad_top;
+          if (h < 0 || h >= g.H) continue;
+          for (int j = 0; j < 3; ++j) {
+            const int ww = wo * g.stride + j - g.pad_left;
+            if (ww < 0 || ww >= g.W) continue;
+            std::memcpy(p + (i * 3 + j) * g.C, x + ((static_cast<size_t>(n) * g.H + h) * g.W + ww) * g.C,
+                        g.C * sizeof(float));
+          }
+        }
       }
       gemm<Epilogue::kRelu6>(g.Wo, cout, K, patches.data(), packed.data(), b,
                              y + static_cast<size_t>(row) * g.Wo * cout, nullptr);
@@ -556,8 +535,10 @@ class Stem : public KernelPrimitive {
 mx::array stem3x3_relu6(const mx::array& x, const mx::array& weight, const mx::array& bias, int stride,
                         std::vector<int> pads) {
   if (x.ndim() != 4 || weight.ndim() != 4 || weight.shape(1) != 3 || weight.shape(2) != 3 ||
-      weight.shape(3) != x.shape(3) || bias.shape() != mx::Shape{weight.shape(0)} || pads.size() != 4) {
-    throw std::invalid_argument("stem3x3_relu6: expected x [B,H,W,C], weight [O,3,3,C], bias [O], four pads");
+      weight.shape(3) != x.shape(3) || bias.shape() != mx::Shape{weight.shape(0)} || pads.size() != 4 ||
+      weight.shape(0) % kVec) {
+    throw std::invalid_argument(
+        "stem3x3_relu6: expected x [B,H,W,C], weight [O,3,3,C], bias [O] with O a multiple of 8, four pads");
   }
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs;
@@ -572,9 +553,10 @@ mx::array stem3x3_relu6(const mx::array& x, const mx::array& weight, const mx::a
 mx::array depthwise3x3_relu6(const mx::array& x, const mx::array& taps, const mx::array& bias, int stride,
                              std::vector<int> pads, std::optional<mx::array> in_bias) {
   const int C = x.ndim() == 4 ? x.shape(3) : -1;
-  if (C < 0 || taps.shape() != mx::Shape{9, C} || bias.shape() != mx::Shape{C} ||
+  if (C < 0 || C % kVec || taps.shape() != mx::Shape{9, C} || bias.shape() != mx::Shape{C} ||
       (in_bias && in_bias->shape() != mx::Shape{C})) {
-    throw std::invalid_argument("depthwise3x3_relu6: expected x [B,H,W,C], taps [9,C], bias and in_bias [C]");
+    throw std::invalid_argument(
+        "depthwise3x3_relu6: expected x [B,H,W,C] with C a multiple of 8, taps [9,C], bias and in_bias [C]");
   }
   if (pads.size() != 4 || (stride != 1 && stride != 2)) {
     throw std::invalid_argument("depthwise3x3_relu6: stride 1 or 2 and four pads");
@@ -628,7 +610,7 @@ class InvertedResidual : public KernelPrimitive {
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     auto g = block_geometry(in, p_.stride, p_.pads, p_.act_in);
-    return {{g.B, g.Ho, g.Wo, g.Cout}};
+    return {{g.dw.B, g.dw.Ho, g.dw.Wo, g.Cout}};
   }
   const char* name() const override { return "WatchtrainInvertedResidual"; }
 };
@@ -644,10 +626,12 @@ mx::array inverted_residual(const mx::array& x, const mx::array& taps, const mx:
   if (cin < 0 || ch < 0 || expand != expand_bias.has_value() ||
       (expand && (expand_t->shape(0) != cin || expand_bias->shape() != mx::Shape{ch})) ||
       taps.shape() != mx::Shape{9, ch} || bias.shape() != mx::Shape{ch} || project_t.ndim() != 2 ||
-      project_t.shape(0) != ch || project_bias.shape() != mx::Shape{project_t.shape(1)}) {
+      project_t.shape(0) != ch || project_bias.shape() != mx::Shape{project_t.shape(1)} ||
+      ch % kVec || project_t.shape(1) % kVec) {
     throw std::invalid_argument(
         "inverted_residual: expected x [B,H,W,Cin], taps [9,Ch], bias [Ch], project_t [Ch,Cout], "
-        "project_bias [Cout], and expand_t [Cin,Ch] with expand_bias [Ch] together or not at all");
+        "project_bias [Cout], and expand_t [Cin,Ch] with expand_bias [Ch] together or not at all; "
+        "Ch and Cout multiples of 8");
   }
   if (pads.size() != 4 || (stride != 1 && stride != 2)) {
     throw std::invalid_argument("inverted_residual: stride 1 or 2 and four pads");
@@ -660,7 +644,7 @@ mx::array inverted_residual(const mx::array& x, const mx::array& taps, const mx:
   }
   Params p{stride, pads, expand};
   auto g = block_geometry(inputs, stride, pads, expand);
-  return mx::array({g.B, g.Ho, g.Wo, g.Cout}, mx::float32, std::make_shared<InvertedResidual>(s, p), inputs);
+  return mx::array({g.dw.B, g.dw.Ho, g.dw.Wo, g.Cout}, mx::float32, std::make_shared<InvertedResidual>(s, p), inputs);
 }
 
 }  // namespace
