@@ -133,12 +133,12 @@ def depthwise_reference(x: mx.array, taps: mx.array, bias: mx.array, stride: int
     return _relu6(y + bias)
 
 
-def block_reference(x: mx.array, taps: mx.array, bias: mx.array, project_t: mx.array, project_bias: mx.array,
-                    stride: int, pads: tuple[int, int], expand_t: mx.array | None = None,
+def block_reference(x: mx.array, taps: mx.array, bias: mx.array, project: mx.array, project_bias: mx.array,
+                    stride: int, pads: tuple[int, int], expand: mx.array | None = None,
                     expand_bias: mx.array | None = None) -> mx.array:
-    """An inverted residual block in pure MLX, from the transposed 1x1 weights the fused kernel takes."""
-    h = x if expand_t is None else _relu6(x @ expand_t + expand_bias)
-    y = depthwise_reference(h, taps, bias, stride, pads) @ project_t + project_bias
+    """An inverted residual block in pure MLX, from the arrays the fused kernel takes (1x1 weights [out, in])."""
+    h = x if expand is None else _relu6(x @ expand.T + expand_bias)
+    y = depthwise_reference(h, taps, bias, stride, pads) @ project.T + project_bias
     return x + y if stride == 1 and x.shape[-1] == y.shape[-1] else y
 
 
@@ -179,6 +179,9 @@ class Pointwise(nn.Module):
         self.relu6 = relu6
 
     def __call__(self, x: mx.array) -> mx.array:
+        kernel = _cpu_kernel(self.weight.shape[0]) if self.relu6 else None
+        if kernel is not None:  # GEMM, bias and relu6 in one multithreaded pass
+            return kernel.pointwise_relu6(x, self.weight, self.bias)
         # The bias goes into the GEMM and relu6 clips with scalars: a broadcast [C] operand
         # would send MLX's CPU backend down its slow strided elementwise path.
         y = mx.addmm(self.bias, x, self.weight.T)
@@ -209,9 +212,9 @@ class InvertedResidual(nn.Module):
         """The whole block in one native pass (inference): its 6x-wide activation never leaves
         the cache. Training runs the separate steps above, each with its own gradient."""
         d = self.depthwise
-        expand = () if self.expand is None else (mx.contiguous(self.expand.weight.T), self.expand.bias)
-        return kernel.inverted_residual(x, d.taps(), d.bias, mx.contiguous(self.project.weight.T), self.project.bias,
-                                        d.stride, [*d.pads, *d.pads], *expand)
+        expand = () if self.expand is None else (self.expand.weight, self.expand.bias)
+        return kernel.inverted_residual(x, d.taps(), d.bias, self.project.weight, self.project.bias, d.stride,
+                                        [*d.pads, *d.pads], *expand)
 
 
 class MobileNetV2(nn.Module):

@@ -153,14 +153,16 @@ def _self_test(module: ModuleType) -> None:
               lambda x, w, b, ib: depthwise_reference(x, w, b, stride, pads, ib if fused else None),
               lambda x, w, b, ib: module.depthwise3x3_relu6(x, w, b, stride, [*pads, *pads], ib if fused else None),
               (rand(2, 9, 10, 16, low=-1, high=7), rand(9, 16), rand(16), rand(16)))
+    _same("the 1x1 convolution with relu6", rng, lambda x, w, b: mx.clip(x @ w.T + b, 0.0, 6.0), module.pointwise_relu6,
+          (rand(2, 5, 6, 12, low=-1, high=2), rand(16, 12, scale=0.5), rand(16)))
     # Expanding and residual; stride 2 with TensorFlow SAME padding; no expansion (the first block).
     for stride, pads, cin, hidden, cout in ((1, (1, 1), 8, 24, 8), (2, (0, 1), 8, 16, 16), (1, (1, 1), 16, 16, 8)):
-        expand = (rand(cin, hidden, scale=0.5), rand(hidden)) if hidden != cin else ()
+        expand = (rand(hidden, cin, scale=0.5), rand(hidden)) if hidden != cin else ()
         _same(f"the inverted residual block at stride {stride}, pads {pads}, {cin}->{hidden}->{cout}", rng,
               lambda *a: block_reference(*a[:5], stride, pads, *a[5:]),
               lambda *a: module.inverted_residual(*a[:5], stride, [*pads, *pads], *a[5:]),
               (rand(2, 9, 10, cin, low=-1, high=2), rand(9, hidden, scale=0.5), rand(hidden),
-               rand(hidden, cout, scale=0.3), rand(cout), *expand))
+               rand(cout, hidden, scale=0.3), rand(cout), *expand))
 
 
 def _same(what: str, rng, reference, kernel, args: tuple, gradients: bool = True) -> None:

@@ -9,6 +9,7 @@
 // keeps the pure-MLX formulation; this file is only built and used on Linux.
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <future>
 #include <mutex>
@@ -311,15 +312,33 @@ TileFn tile_for(int mr, int nv) {
   }
 }
 
-// C[M x N] = A[M x K] B[K x N] + bias, then the epilogue; R (the residual) is laid out like C.
+// A 1x1 convolution's weight [N][K] (out x in) as B = weight^T [K][N] cut into panels of a tile's
+// width, each contiguous (panel j holds columns [j, j + w) as K rows of w): a tile then reads its
+// panel sequentially instead of K rows N floats apart, which thrash the L1 cache.
+std::vector<float> pack(const float* weight, int N, int K) {
+  std::vector<float> panels(static_cast<size_t>(N) * K);
+  for (int j = 0; j < N; j += kVec * kCols) {
+    const int w = std::min(kVec * kCols, N - j);
+    float* panel = panels.data() + static_cast<size_t>(j) * K;
+    for (int jj = 0; jj < w; ++jj) {
+      const float* row = weight + static_cast<size_t>(j + jj) * K;
+      for (int k = 0; k < K; ++k) panel[static_cast<size_t>(k) * w + jj] = row[k];
+    }
+  }
+  return panels;
+}
+
+// C[M x N] = A[M x K] B[K x N] + bias, then the epilogue; B packed by pack(); R (the residual) is
+// laid out like C.
 template <Epilogue E>
 void gemm(int M, int N, int K, const float* A, const float* B, const float* bias, float* C, const float* R) {
   for (int j = 0; j < N; j += kVec * kCols) {
     const int nv = std::min(kCols, (N - j) / kVec);
+    const float* panel = B + static_cast<size_t>(j) * K;
     for (int i = 0; i < M; i += kRows) {
       const size_t at = static_cast<size_t>(i) * N + j;
-      tile_for<E>(std::min(kRows, M - i), nv)(K, A + static_cast<size_t>(i) * K, K, B + j, N, bias + j, C + at, N,
-                                              E == Epilogue::kResidual ? R + at : nullptr);
+      tile_for<E>(std::min(kRows, M - i), nv)(K, A + static_cast<size_t>(i) * K, K, panel, kVec * nv, bias + j,
+                                              C + at, N, E == Epilogue::kResidual ? R + at : nullptr);
     }
   }
 }
@@ -341,16 +360,18 @@ struct BlockGeometry {
 BlockGeometry block_geometry(const std::vector<mx::array>& in, int stride, const std::vector<int>& pads,
                              bool expand) {
   const mx::array& x = in[0];
-  const int H = x.shape(1), W = x.shape(2), Cin = x.shape(3), Cout = in[3].shape(1);
+  const int H = x.shape(1), W = x.shape(2), Cin = x.shape(3), Cout = in[3].shape(0);
   const Geometry dw{x.shape(0), H, W, in[1].shape(1), (H + pads[0] + pads[1] - 3) / stride + 1,
                     (W + pads[2] + pads[3] - 3) / stride + 1, stride, pads[0], pads[2], false};
   return {dw, Cin, Cout, expand, stride == 1 && Cin == Cout};
 }
 
-// we: [Cin, Ch] and wp: [Ch, Cout] (transposed 1x1 weights); taps: [9, Ch].
-void block_forward(const BlockGeometry& bg, const float* x, const float* taps, const float* bd, const float* wp,
-                   const float* bp, const float* we, const float* be, float* y) {
+// ew: [Ch, Cin] and pw: [Cout, Ch] (the 1x1 weights, out x in); taps: [9, Ch].
+void block_forward(const BlockGeometry& bg, const float* x, const float* taps, const float* bd, const float* pw,
+                   const float* bp, const float* ew, const float* be, float* y) {
   const Geometry& g = bg.dw;
+  const std::vector<float> we = bg.expand ? pack(ew, g.C, bg.Cin) : std::vector<float>(),
+                           wp = pack(pw, bg.Cout, g.C);
   const size_t in_row = static_cast<size_t>(g.W) * bg.Cin, ex_row = static_cast<size_t>(g.W) * g.C;
   // Output rows per band: the expanded input rows it reads should fit in about 384 KB of L2.
   const long budget = (384 << 10) / sizeof(float);
@@ -372,7 +393,7 @@ void block_forward(const BlockGeometry& bg, const float* x, const float* taps, c
           keep = std::min(held_hi, hi) - lo;
           std::memmove(ex.data(), ex.data() + (lo - held_lo) * ex_row, keep * ex_row * sizeof(float));
         }
-        gemm<Epilogue::kRelu6>((hi - lo - keep) * g.W, g.C, bg.Cin, band + keep * in_row, we, be,
+        gemm<Epilogue::kRelu6>((hi - lo - keep) * g.W, g.C, bg.Cin, band + keep * in_row, we.data(), be,
                                ex.data() + keep * ex_row, nullptr);
         held_n = n, held_lo = lo, held_hi = hi;
         band = ex.data();
@@ -381,11 +402,37 @@ void block_forward(const BlockGeometry& bg, const float* x, const float* taps, c
       const size_t at = (static_cast<size_t>(n) * g.Ho + ho0) * g.Wo;
       const int pixels = (ho1 - ho0) * g.Wo;
       if (bg.residual) {
-        gemm<Epilogue::kResidual>(pixels, bg.Cout, g.C, dw.data(), wp, bp, y + at * bg.Cout, x + at * bg.Cin);
+        gemm<Epilogue::kResidual>(pixels, bg.Cout, g.C, dw.data(), wp.data(), bp, y + at * bg.Cout, x + at * bg.Cin);
       } else {
-        gemm<Epilogue::kNone>(pixels, bg.Cout, g.C, dw.data(), wp, bp, y + at * bg.Cout, nullptr);
+        gemm<Epilogue::kNone>(pixels, bg.Cout, g.C, dw.data(), wp.data(), bp, y + at * bg.Cout, nullptr);
       }
       row += ho1 - ho0;
+    }
+  });
+}
+
+// ---- 1x1 convolution + bias + relu6 over many pixels (the final 1280-channel convolution) ----
+
+// relu6(x @ w^T + b) for M pixels, w [N][K]: blocks of rows split across threads, each block small
+// enough that its rows stay in L2 while every column panel passes over them.
+void pointwise_relu6_forward(int M, int N, int K, const float* x, const float* w, const float* b, float* y) {
+  constexpr int kBlock = 16 * kRows;
+  const std::vector<float> wt = pack(w, N, K);
+  parallel_for((M + kBlock - 1) / kBlock, [&](int begin, int end) {
+    for (int block = begin; block < end; ++block) {
+      const int i = block * kBlock;
+      gemm<Epilogue::kRelu6>(std::min(kBlock, M - i), N, K, x + static_cast<size_t>(i) * K, wt.data(), b,
+                             y + static_cast<size_t>(i) * N, nullptr);
+    }
+  });
+}
+
+// dy where 0 < y < 6, else 0 (relu6's gradient given its output), n a multiple of 8.
+void relu6_grad(size_t n, const float* y, const float* dy, float* out) {
+  const int chunks = static_cast<int>(n / kVec);
+  parallel_for(chunks, [&](int begin, int end) {
+    for (size_t i = static_cast<size_t>(begin) * kVec; i < static_cast<size_t>(end) * kVec; i += kVec) {
+      store(out + i, where_inside(load(y + i), load(dy + i)));
     }
   });
 }
@@ -394,9 +441,7 @@ void block_forward(const BlockGeometry& bg, const float* x, const float* taps, c
 // Each output row's 3x3xC patches are gathered (zeros for padding), then multiplied as one GEMM.
 void stem_forward(const Geometry& g, int cout, const float* x, const float* w, const float* b, float* y) {
   const int K = 9 * g.C;
-  std::vector<float> packed(static_cast<size_t>(K) * cout);  // [tap, in channel] x out channel
-  for (int o = 0; o < cout; ++o)
-    for (int k = 0; k < K; ++k) packed[static_cast<size_t>(k) * cout + o] = w[static_cast<size_t>(o) * K + k];
+  const std::vector<float> packed = pack(w, cout, K);  // w is [cout][tap, in channel]
   parallel_for(g.B * g.Ho, [&](int begin, int end) {
     std::vector<float> patches(static_cast<size_t>(g.Wo) * K);
     for (int row = begin; row < end; ++row) {
@@ -572,7 +617,7 @@ mx::array depthwise3x3_relu6(const mx::array& x, const mx::array& taps, const mx
 }
 
 
-// relu6 of x @ expand_t + expand_bias (when expanding), the depthwise step, then the projection
+// relu6 of x @ expand^T + expand_bias (when expanding), the depthwise step, then the projection
 // (+ x when the block is residual), from the primitives above: what the fused block computes.
 mx::array inverted_residual_unfused(const std::vector<mx::array>& in, const Params& p) {
   auto s = mx::default_stream(mx::Device::cpu);
@@ -580,14 +625,15 @@ mx::array inverted_residual_unfused(const std::vector<mx::array>& in, const Para
   std::optional<mx::array> in_bias;
   mx::array hidden = x;
   if (p.act_in) {
-    hidden = mx::matmul(x, in[5], s);
+    hidden = mx::matmul(x, mx::transpose(in[5], s), s);
     in_bias = in[6];
   }
-  auto y = mx::add(mx::matmul(depthwise3x3_relu6(hidden, in[1], in[2], p.stride, p.pads, in_bias), in[3], s), in[4], s);
+  auto y = depthwise3x3_relu6(hidden, in[1], in[2], p.stride, p.pads, in_bias);
+  y = mx::add(mx::matmul(y, mx::transpose(in[3], s), s), in[4], s);
   return p.stride == 1 && x.shape(3) == y.shape(3) ? mx::add(y, x, s) : y;
 }
 
-// inputs: x, taps [9, Ch], bias [Ch], project_t [Ch, Cout], project_bias [Cout] (, expand_t [Cin, Ch],
+// inputs: x, taps [9, Ch], bias [Ch], project [Cout, Ch], project_bias [Cout] (, expand [Ch, Cin],
 // expand_bias [Ch]); output: the block's output. Params::act_in says whether it expands.
 class InvertedResidual : public KernelPrimitive {
  public:
@@ -615,36 +661,92 @@ class InvertedResidual : public KernelPrimitive {
   const char* name() const override { return "WatchtrainInvertedResidual"; }
 };
 
-// A whole MobileNetV2 block in one pass (see block_forward); the 1x1 weights come transposed.
+// A whole MobileNetV2 block in one pass (see block_forward); 1x1 weights [out, in] as in the model.
 mx::array inverted_residual(const mx::array& x, const mx::array& taps, const mx::array& bias,
-                            const mx::array& project_t, const mx::array& project_bias, int stride,
-                            std::vector<int> pads, std::optional<mx::array> expand_t,
+                            const mx::array& project, const mx::array& project_bias, int stride,
+                            std::vector<int> pads, std::optional<mx::array> expand,
                             std::optional<mx::array> expand_bias) {
   const int cin = x.ndim() == 4 ? x.shape(3) : -1;
-  const int ch = expand_t ? (expand_t->ndim() == 2 ? expand_t->shape(1) : -1) : cin;
-  const bool expand = expand_t.has_value();
-  if (cin < 0 || ch < 0 || expand != expand_bias.has_value() ||
-      (expand && (expand_t->shape(0) != cin || expand_bias->shape() != mx::Shape{ch})) ||
-      taps.shape() != mx::Shape{9, ch} || bias.shape() != mx::Shape{ch} || project_t.ndim() != 2 ||
-      project_t.shape(0) != ch || project_bias.shape() != mx::Shape{project_t.shape(1)} ||
-      ch % kVec || project_t.shape(1) % kVec) {
+  const int ch = expand ? (expand->ndim() == 2 ? expand->shape(0) : -1) : cin;
+  if (cin < 0 || ch < 0 || expand.has_value() != expand_bias.has_value() ||
+      (expand && (expand->shape(1) != cin || expand_bias->shape() != mx::Shape{ch})) ||
+      taps.shape() != mx::Shape{9, ch} || bias.shape() != mx::Shape{ch} || project.ndim() != 2 ||
+      project.shape(1) != ch || project_bias.shape() != mx::Shape{project.shape(0)} ||
+      ch % kVec || project.shape(0) % kVec) {
     throw std::invalid_argument(
-        "inverted_residual: expected x [B,H,W,Cin], taps [9,Ch], bias [Ch], project_t [Ch,Cout], "
-        "project_bias [Cout], and expand_t [Cin,Ch] with expand_bias [Ch] together or not at all; "
+        "inverted_residual: expected x [B,H,W,Cin], taps [9,Ch], bias [Ch], project [Cout,Ch], "
+        "project_bias [Cout], and expand [Ch,Cin] with expand_bias [Ch] together or not at all; "
         "Ch and Cout multiples of 8");
-  }
-  if (pads.size() != 4 || (stride != 1 && stride != 2)) {
-    throw std::invalid_argument("inverted_residual: stride 1 or 2 and four pads");
   }
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs;
-  for (const auto& a : {x, taps, bias, project_t, project_bias}) inputs.push_back(mx::contiguous(mx::astype(a, mx::float32, s), false, s));
+  for (const auto& a : {x, taps, bias, project, project_bias}) inputs.push_back(mx::contiguous(mx::astype(a, mx::float32, s), false, s));
   if (expand) {
-    for (const auto& a : {*expand_t, *expand_bias}) inputs.push_back(mx::contiguous(mx::astype(a, mx::float32, s), false, s));
+    for (const auto& a : {*expand, *expand_bias}) inputs.push_back(mx::contiguous(mx::astype(a, mx::float32, s), false, s));
   }
-  Params p{stride, pads, expand};
-  auto g = block_geometry(inputs, stride, pads, expand);
+  Params p{stride, pads, expand.has_value()};
+  auto g = block_geometry(inputs, stride, pads, p.act_in);
   return mx::array({g.dw.B, g.dw.Ho, g.dw.Wo, g.Cout}, mx::float32, std::make_shared<InvertedResidual>(s, p), inputs);
+}
+
+// inputs: y, dy; output: dy where 0 < y < 6.
+class Relu6Grad : public KernelPrimitive {
+ public:
+  using KernelPrimitive::KernelPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    run(in, out, in[0].size(), [](size_t n, const std::vector<float*>& d) { relu6_grad(n, d[0], d[1], d[2]); });
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+  const char* name() const override { return "WatchtrainRelu6Grad"; }
+};
+
+// inputs: x [..., K], weight [N, K], bias [N]; output: relu6(x @ weight^T + bias) [..., N].
+class PointwiseRelu6 : public KernelPrimitive {
+ public:
+  using KernelPrimitive::KernelPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const int N = in[1].shape(0), K = in[1].shape(1), M = static_cast<int>(in[0].size() / K);
+    run(in, out, std::array<int, 3>{M, N, K}, [](std::array<int, 3> g, const std::vector<float*>& d) {
+      pointwise_relu6_forward(g[0], g[1], g[2], d[0], d[1], d[2], d[3]);
+    });
+  }
+  // relu6's mask natively, then the two GEMMs of the gradient through MLX's matmul (the BLAS).
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
+    auto s = stream();
+    const mx::array& x = primals[0];
+    const int N = primals[1].shape(0), K = primals[1].shape(1);
+    auto dz = mx::array(outputs[0].shape(), mx::float32, std::make_shared<Relu6Grad>(s, p_),
+                        {outputs[0], mx::contiguous(cotangents[0], false, s)});
+    auto dz2 = mx::reshape(dz, {-1, N}, s);
+    std::vector<mx::array> picked;
+    for (int arg : argnums) {
+      if (arg == 0) picked.push_back(mx::reshape(mx::matmul(dz2, primals[1], s), x.shape(), s));
+      if (arg == 1) picked.push_back(mx::matmul(mx::transpose(dz2, s), mx::reshape(x, {-1, K}, s), s));
+      if (arg == 2) picked.push_back(mx::sum(dz2, 0, false, s));
+    }
+    return picked;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    auto shape = in[0].shape();
+    shape.back() = in[1].shape(0);
+    return {shape};
+  }
+  const char* name() const override { return "WatchtrainPointwiseRelu6"; }
+};
+
+// relu6(x @ weight^T + bias) over the last axis; weight [N, K] with N a multiple of 8.
+mx::array pointwise_relu6(const mx::array& x, const mx::array& weight, const mx::array& bias) {
+  if (x.ndim() < 1 || weight.ndim() != 2 || x.shape(-1) != weight.shape(1) ||
+      bias.shape() != mx::Shape{weight.shape(0)} || weight.shape(0) % kVec) {
+    throw std::invalid_argument("pointwise_relu6: expected x [..., K], weight [N, K], bias [N], N a multiple of 8");
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs;
+  for (const auto& a : {x, weight, bias}) inputs.push_back(mx::contiguous(mx::astype(a, mx::float32, s), false, s));
+  auto shape = x.shape();
+  shape.back() = weight.shape(0);
+  return mx::array(shape, mx::float32, std::make_shared<PointwiseRelu6>(s, Params{1, {}, false}), inputs);
 }
 
 }  // namespace
@@ -658,10 +760,13 @@ NB_MODULE(_watchtrain_native, m) {
   m.def("stem3x3_relu6", &stem3x3_relu6, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("stride"),
         nb::arg("pads"), "relu6(dense 3x3 convolution of NHWC x + bias), forward only; weight OHWI");
   m.def("inverted_residual", &inverted_residual, nb::arg("x"), nb::arg("taps"), nb::arg("bias"),
-        nb::arg("project_t"), nb::arg("project_bias"), nb::arg("stride"), nb::arg("pads"),
-        nb::arg("expand_t") = nb::none(), nb::arg("expand_bias") = nb::none(),
-        "a MobileNetV2 inverted residual block in one pass, NHWC: relu6(x @ expand_t + expand_bias)\n"
-        "(without expand_t: x), relu6(depthwise 3x3 + bias), @ project_t + project_bias, + x when\n"
+        nb::arg("project"), nb::arg("project_bias"), nb::arg("stride"), nb::arg("pads"),
+        nb::arg("expand") = nb::none(), nb::arg("expand_bias") = nb::none(),
+        "a MobileNetV2 inverted residual block in one pass, NHWC: relu6(x @ expand^T + expand_bias)\n"
+        "(without expand: x), relu6(depthwise 3x3 + bias), @ project^T + project_bias, + x when\n"
         "stride is 1 and the channels match; pads = (top, bottom, left, right)");
+  m.def("pointwise_relu6", &pointwise_relu6, nb::arg("x"), nb::arg("weight"), nb::arg("bias"),
+        "relu6(x @ weight^T + bias) over the last axis (a 1x1 convolution of NHWC x, weight [out, in]),\n"
+        "differentiable");
   m.def("threads", &n_threads, "worker threads the kernel splits rows over");
 }
