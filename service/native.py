@@ -1,12 +1,12 @@
-"""watchtrain's MLX CPU kernel (service/native/depthwise.cpp): built on first use, cached, checked.
+"""watchtrain's MLX CPU kernels (service/native/kernels.cpp): built on first use, cached, checked.
 
-MLX's CPU backend has no fast depthwise convolution (see the C++ file). On Linux
-watchtrain builds a small MLX extension with CMake and nanobind into the user cache
-the first time a model runs (about 20 s, once per machine and MLX version), loads it,
-and checks it against the pure-MLX formulation on a small input, gradients included.
-If any step fails the model falls back to that formulation and a warning says why;
-``$WATCHTRAIN_NATIVE=0`` turns the kernel off. On macOS MLX runs on Metal and the
-kernel is never built.
+MLX's CPU backend has no fast depthwise convolution and runs elementwise ops on one thread
+(see the C++ file). On Linux watchtrain builds a small MLX extension with CMake and nanobind
+into the user cache the first time a model runs (about 20 s, once per machine and MLX
+version), loads it, and checks every kernel against the pure-MLX formulation on small
+inputs, gradients included. If any step fails the model falls back to that formulation and a
+warning says why; ``$WATCHTRAIN_NATIVE=0`` turns the kernels off. On macOS MLX runs on Metal
+and the kernels are never built.
 """
 
 from __future__ import annotations

@@ -45,12 +45,32 @@ def test_kernel_equals_the_reference_on_real_photos(imagenet_model, monkeypatch)
 
 
 @linux_only
-def test_fine_tuning_gradients_equal_the_reference(imagenet_model, monkeypatch):
+def test_inference_runs_each_block_as_one_fused_kernel(imagenet_model, monkeypatch):
+    model, _ = imagenet_model
+    calls: dict[str, int] = {}
+    real = native.kernel()
+
+    class Counting:  # the real kernel module, counting which entry points the model calls
+        def __getattr__(self, name):
+            calls[name] = calls.get(name, 0) + 1
+            return getattr(real, name)
+
+    monkeypatch.setattr(native, "kernel", Counting)
+    model(_samples())
+    assert calls == {"stem3x3_relu6": 1, "inverted_residual": 17, "pointwise_relu6": 1}
+
+
+@linux_only
+@pytest.mark.parametrize("training", [False, True], ids=["fused-blocks", "training-mode"])
+def test_fine_tuning_gradients_equal_the_reference(imagenet_model, monkeypatch, training):
+    """Through the fused block's gradient (eval mode) and through the separate steps the nightly
+    fine-tune differentiates (training mode): both must equal pure MLX's."""
     model, _ = imagenet_model
     split = N_FEATURES - 1 - 3
     features = model.backbone(_samples(), 0, split)
     mx.random.seed(0)  # the head's initialization
     tail = Tail(model, split, n_labels=3, dropout=0.0)
+    tail.train(training)
     labels = mx.array([0, 1, 2, 0, 1])
 
     def grads() -> dict[str, np.ndarray]:
@@ -58,9 +78,12 @@ def test_fine_tuning_gradients_equal_the_reference(imagenet_model, monkeypatch):
         _, g = nn.value_and_grad(tail, loss)(tail)
         return {k: np.array(v) for k, v in tree_flatten(g)}
 
-    fast = grads()
-    monkeypatch.setattr(native, "kernel", lambda: None)
-    reference = grads()
+    try:
+        fast = grads()
+        monkeypatch.setattr(native, "kernel", lambda: None)
+        reference = grads()
+    finally:
+        tail.eval()  # the layers are the shared model's
     assert fast.keys() == reference.keys() and any("depthwise" in k for k in fast)
     for key in fast:
         # Summation order differs, so a value on relu6's edge (0 or 6) may pass its gradient in one
@@ -92,7 +115,7 @@ def test_turned_off_it_falls_back_and_still_classifies(weights_path):
 def test_a_kernel_that_does_not_build_is_reported_and_skipped(tmp_path, monkeypatch):
     broken = tmp_path / "native"
     shutil.copytree(native.SOURCE_DIR, broken)
-    (broken / "depthwise.cpp").write_text("this is not C++\n")
+    (broken / "kernels.cpp").write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE_DIR", broken)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     module, status = native._load()

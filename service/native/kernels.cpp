@@ -1,12 +1,15 @@
-// Fused depthwise 3x3 convolution + bias + relu6 as an MLX primitive for the CPU backend.
+// watchtrain's MobileNetV2 kernels for MLX's CPU backend, as MLX primitives.
 //
-// MLX's CPU backend runs a grouped conv2d, and a compiled sum of nine shifted
-// slices with per-channel taps, on single-threaded strided loops: on a 2-core x86
-// machine MobileNetV2's depthwise layers ran 5-10x slower than PyTorch's. This
-// primitive computes y = relu6(depthwise3x3(x) + b) on NHWC float32 in one pass,
-// vectorized over channels and split over rows across threads, with its own
-// gradient (the fine-tuning step differentiates through it). On Metal watchtrain
-// keeps the pure-MLX formulation; this file is only built and used on Linux.
+// MLX's CPU backend runs a grouped conv2d, and a compiled sum of nine shifted slices with
+// per-channel taps, on single-threaded strided loops, and every elementwise op on one thread:
+// on a 2-core x86 machine MobileNetV2's depthwise layers ran 5-10x slower than PyTorch's.
+// Here, on NHWC float32, vectorized over channels and split over rows across threads:
+//   - the depthwise 3x3 convolution + bias + relu6, optionally reading relu6(x + in_bias) (the
+//     expand convolution's activation), with its gradient: what fine-tuning differentiates;
+//   - a whole inverted residual block in one pass for inference (expand, depthwise, project:
+//     the 6x-wide activation never leaves the cache), its gradient by the separate steps;
+//   - the final 1x1 convolution + bias + relu6, with its gradient, and the stem (forward only).
+// On Metal watchtrain keeps the pure-MLX formulation; this file is only built and used on Linux.
 
 #include <algorithm>
 #include <array>
@@ -484,7 +487,7 @@ class KernelPrimitive : public mx::Primitive {
   KernelPrimitive(mx::Stream s, Params p) : Primitive(s), p_(std::move(p)) {}
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("watchtrain depthwise kernel: CPU only");
+    throw std::runtime_error("watchtrain kernel: CPU only");
   }
   bool is_equivalent(const Primitive& other) const override {
     auto* o = dynamic_cast<const KernelPrimitive*>(&other);
@@ -752,7 +755,7 @@ mx::array pointwise_relu6(const mx::array& x, const mx::array& weight, const mx:
 }  // namespace
 
 NB_MODULE(_watchtrain_native, m) {
-  m.doc() = "watchtrain's fused inverted residual block, depthwise and stem 3x3 convolutions for MLX's CPU backend";
+  m.doc() = "watchtrain's MobileNetV2 kernels for MLX's CPU backend: inverted residual block, depthwise and stem 3x3, 1x1 + relu6";
   m.def("depthwise3x3_relu6", &depthwise3x3_relu6, nb::arg("x"), nb::arg("taps"), nb::arg("bias"),
         nb::arg("stride"), nb::arg("pads"), nb::arg("in_bias") = nb::none(),
         "relu6(depthwise 3x3 convolution of a(x) + bias), NHWC; pads = (top, bottom, left, right);\n"
