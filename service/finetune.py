@@ -159,9 +159,9 @@ class Tail(nn.Module):
         self.classifier = nn.Linear(model.features[-1].weight.shape[0], n_labels)
 
     def embed(self, x: mx.array) -> mx.array:
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x)
-        return mx.mean(x, axis=(1, 2))
+        return self.layers[-1].pooled(x)  # the final 1x1 convolution, globally pooled
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.classifier(self.dropout(self.embed(x)))

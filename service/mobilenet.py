@@ -187,6 +187,13 @@ class Pointwise(nn.Module):
         y = mx.addmm(self.bias, x, self.weight.T)
         return _relu6(y) if self.relu6 else y
 
+    def pooled(self, x: mx.array) -> mx.array:
+        """The output's mean over each image's pixels (NHWC -> [B, C]): global average pooling."""
+        kernel = _cpu_kernel(self.weight.shape[0]) if self.relu6 else None
+        if kernel is not None:  # pooled as it is computed; its gradient never broadcasts a copy
+            return kernel.pointwise_relu6(x, self.weight, self.bias, pool=True)
+        return mx.mean(self(x), axis=(1, 2))
+
 
 class InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int, padding: str):
@@ -248,7 +255,7 @@ class MobileNetV2(nn.Module):
 
     def embed(self, x: mx.array) -> mx.array:
         """Globally pooled 1280-d features."""
-        return mx.mean(self.backbone(x), axis=(1, 2))
+        return self.features[-1].pooled(self.backbone(x, 0, -1))
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.classifier(self.embed(x))

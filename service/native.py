@@ -153,8 +153,11 @@ def _self_test(module: ModuleType) -> None:
               lambda x, w, b, ib: depthwise_reference(x, w, b, stride, pads, ib if fused else None),
               lambda x, w, b, ib: module.depthwise3x3_relu6(x, w, b, stride, [*pads, *pads], ib if fused else None),
               (rand(2, 9, 10, 16, low=-1, high=7), rand(9, 16), rand(16), rand(16)))
-    _same("the 1x1 convolution with relu6", rng, lambda x, w, b: mx.clip(x @ w.T + b, 0.0, 6.0), module.pointwise_relu6,
-          (rand(2, 5, 6, 12, low=-1, high=2), rand(16, 12, scale=0.5), rand(16)))
+    for pool in (False, True):
+        _same(f"the 1x1 convolution with relu6, pooled {pool}", rng,
+              lambda x, w, b: _pool(mx.clip(x @ w.T + b, 0.0, 6.0), pool),
+              lambda x, w, b: module.pointwise_relu6(x, w, b, pool),
+              (rand(2, 5, 6, 12, low=-1, high=2), rand(16, 12, scale=0.5), rand(16)))
     # Expanding and residual; stride 2 with TensorFlow SAME padding; no expansion (the first block).
     for stride, pads, cin, hidden, cout in ((1, (1, 1), 8, 24, 8), (2, (0, 1), 8, 16, 16), (1, (1, 1), 16, 16, 8)):
         expand = (rand(hidden, cin, scale=0.5), rand(hidden)) if hidden != cin else ()
@@ -163,6 +166,12 @@ def _self_test(module: ModuleType) -> None:
               lambda *a: module.inverted_residual(*a[:5], stride, [*pads, *pads], *a[5:]),
               (rand(2, 9, 10, cin, low=-1, high=2), rand(9, hidden, scale=0.5), rand(hidden),
                rand(cout, hidden, scale=0.3), rand(cout), *expand))
+
+
+def _pool(y, pool: bool):
+    import mlx.core as mx
+
+    return mx.mean(y, axis=(1, 2)) if pool else y
 
 
 def _same(what: str, rng, reference, kernel, args: tuple, gradients: bool = True) -> None:

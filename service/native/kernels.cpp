@@ -103,12 +103,12 @@ Geometry geometry(const mx::array& x, int stride, const std::vector<int>& pads, 
           (W + pads[2] + pads[3] - 3) / stride + 1, stride, pads[0], pads[2], act_in};
 }
 
-// Output rows [ho0, ho1) of relu6(depthwise(a(band)) + bias) into out (rows of Wo x C); band holds
-// the input rows of one image from row lo; a(v) = relu6(v + ib) when ib is given, else v. Per
-// eight channels the nine taps stay in registers (one load per multiply-add); only the edge
-// columns check bounds.
-void depthwise_rows(const Geometry& g, const float* band, int lo, int ho0, int ho1, const float* taps,
-                    const float* bias, const float* ib, float* out) {
+// Output rows [ho0, ho1) of relu6(depthwise(input) + bias) into out (rows of Wo x C); row(h) points
+// at input row h of the image. Per eight channels the nine taps stay in registers (one load per
+// multiply-add); only the edge columns check bounds.
+template <class Rows>
+void depthwise_rows(const Geometry& g, Rows row, int ho0, int ho1, const float* taps, const float* bias,
+                    float* out) {
   const int C = g.C, s = g.stride;
   // Output columns whose three input columns are all inside the image.
   const int inner_begin = std::min(g.Wo, (g.pad_left + s - 1) / s);
@@ -117,14 +117,14 @@ void depthwise_rows(const Geometry& g, const float* band, int lo, int ho0, int h
     const float* rows[3];  // nullptr where the window is over padding
     for (int i = 0; i < 3; ++i) {
       const int h = ho * s + i - g.pad_top;
-      rows[i] = h < 0 || h >= g.H ? nullptr : band + static_cast<size_t>(h - lo) * g.W * C;
+      rows[i] = h < 0 || h >= g.H ? nullptr : row(h);
     }
     float* o = out + static_cast<size_t>(ho - ho0) * g.Wo * C;
     for (int c = 0; c < C; c += kVec) {
       V8 t[9];
       for (int k = 0; k < 9; ++k) t[k] = load(taps + k * C + c);
-      const V8 b = load(bias + c), in_b = ib ? load(ib + c) : V8{};
-      auto a = [&](const float* p) { return ib ? relu6(load(p) + in_b) : load(p); };
+      const V8 b = load(bias + c);
+      auto a = [](const float* p) { return load(p); };
       auto edge = [&](int wo) {
         V8 acc = b;
         for (int i = 0; i < 3; ++i) {
@@ -152,104 +152,143 @@ void depthwise_rows(const Geometry& g, const float* band, int lo, int ho0, int h
   }
 }
 
+// Input rows of one image as the kernel reads them: x itself, or with act_in relu6(x + in_bias)
+// computed once per row, reading x in order, into a ring of three rows (what the windows of
+// consecutive output rows cover) instead of nine strided times.
+class InputRows {
+ public:
+  InputRows(const Geometry& g, const float* ib)
+      : ib_(g.act_in ? ib : nullptr), C_(g.C), row_(static_cast<size_t>(g.W) * g.C), ring_(ib_ ? 3 * row_ : 0) {}
+  void start(const float* image) {
+    image_ = image;
+    std::fill(held_, held_ + 3, -1);
+  }
+  const float* operator()(int h) {
+    const float* x = image_ + h * row_;
+    if (!ib_) return x;
+    float* a = ring_.data() + (h % 3) * row_;
+    if (held_[h % 3] != h) {
+      for (size_t at = 0; at < row_; at += kVec) store(a + at, relu6(load(x + at) + load(ib_ + at % C_)));
+      held_[h % 3] = h;
+    }
+    return a;
+  }
+  // a(x) of row h if it is still in the ring, else nullptr.
+  const float* held(int h) const { return ib_ && held_[h % 3] == h ? ring_.data() + (h % 3) * row_ : nullptr; }
+
+ private:
+  const float* ib_;
+  int C_;
+  size_t row_;
+  std::vector<float> ring_;
+  const float* image_ = nullptr;
+  int held_[3] = {-1, -1, -1};
+};
+
 void forward(const Geometry& g, const float* x, const float* w, const float* b, const float* ib, float* y) {
-  parallel_for(g.B * g.Ho, [&](int begin, int end) {
-    for (int row = begin; row < end; ++row) {
-      const int n = row / g.Ho, ho = row % g.Ho;
-      depthwise_rows(g, x + static_cast<size_t>(n) * g.H * g.W * g.C, 0, ho, ho + 1, w, b, g.act_in ? ib : nullptr,
-                     y + static_cast<size_t>(row) * g.Wo * g.C);
+  const size_t image = static_cast<size_t>(g.H) * g.W * g.C, out_image = static_cast<size_t>(g.Ho) * g.Wo * g.C;
+  parallel_for(g.B, [&](int first, int last) {
+    InputRows rows(g, ib);
+    for (int n = first; n < last; ++n) {
+      rows.start(x + n * image);
+      depthwise_rows(g, rows, 0, g.Ho, w, b, y + n * out_image);
     }
   });
 }
 
-// dz = dy where 0 < y < 6 (relu6's gradient), then the gradients of the taps and bias (sums of dz
-// times the input over rows of outputs, per thread) and of the input (each input pixel gathers the
-// outputs whose window covers it: no write races); with act_in dx is the gradient of the
-// pre-activation x and din_bias its sum over pixels.
+// The gradients, one image per thread at a time, walking its output rows top to bottom: for each
+// row, dz = dy where 0 < y < 6 (relu6's gradient) into a ring of three rows, summed into the
+// taps' and bias' gradients (dz times the input under each tap); then every input row whose
+// covering output rows are all done gathers its dx from the ring (no write races, and dz never
+// goes to memory). With act_in dx is the gradient of the pre-activation x and din_bias its sum.
 void backward(const Geometry& g, const float* x, const float* w, const float* ib, const float* y,
               const float* dy, float* dx, float* dw, float* db, float* dib) {
-  const int C = g.C, s = g.stride, rows = g.B * g.Ho;
-  // Kept between calls: a fresh 10+ MB buffer each step would be page-faulted in again.
-  // (thread_local: one per calling stream thread; the workers below use it through dz_all.)
-  thread_local std::vector<float> dz_buffer;
-  dz_buffer.resize(static_cast<size_t>(rows) * g.Wo * C);
-  float* const dz_all = dz_buffer.data();
+  const int C = g.C, s = g.stride;
+  const size_t in_row = static_cast<size_t>(g.W) * C, out_row = static_cast<size_t>(g.Wo) * C;
   std::mutex lock;
   std::fill(dw, dw + 9 * C, 0.0f);
   std::fill(db, db + C, 0.0f);
   std::fill(dib, dib + C, 0.0f);
-  parallel_for(rows, [&](int begin, int end) {
-    std::vector<float> sums(10 * C, 0.0f);  // 9 taps, then the bias
-    for (int row = begin; row < end; ++row) {
-      const int n = row / g.Ho, ho = row % g.Ho;
-      const float* in_rows[3];
-      for (int i = 0; i < 3; ++i) {
-        const int h = ho * s + i - g.pad_top;
-        in_rows[i] = h < 0 || h >= g.H ? nullptr : x + ((static_cast<size_t>(n) * g.H + h) * g.W) * C;
-      }
-      for (int c = 0; c < C; c += kVec) {
-        V8 t[9] = {}, bias_sum = {};
-        const V8 in_b = g.act_in ? load(ib + c) : V8{};
-        for (int wo = 0; wo < g.Wo; ++wo) {
-          const size_t o = (static_cast<size_t>(row) * g.Wo + wo) * C + c;
-          const V8 dz = where_inside(load(y + o), load(dy + o));
-          store(dz_all + o, dz);
-          bias_sum += dz;
-          for (int i = 0; i < 3; ++i) {
-            if (!in_rows[i]) continue;
-            for (int j = 0; j < 3; ++j) {
-              const int ww = wo * s - g.pad_left + j;
-              if (ww < 0 || ww >= g.W) continue;
-              const V8 v = load(in_rows[i] + static_cast<size_t>(ww) * C + c);
-              t[i * 3 + j] += dz * (g.act_in ? relu6(v + in_b) : v);
+  parallel_for(g.B, [&](int first, int last) {
+    // sums: 9 taps, the bias, the input bias; ring: dz of the last three output rows.
+    std::vector<float> sums(11 * C, 0.0f), ring(3 * out_row);
+    float* const tap_sums = sums.data();
+    InputRows rows(g, ib);
+    for (int n = first; n < last; ++n) {
+      const float* const image = x + static_cast<size_t>(n) * g.H * in_row;
+      rows.start(image);
+      int next_h = 0;  // the next input row whose dx is due
+      for (int ho = 0; ho < g.Ho; ++ho) {
+        const size_t o = (static_cast<size_t>(n) * g.Ho + ho) * out_row;
+        float* const dz = ring.data() + (ho % 3) * out_row;
+        for (size_t at = 0; at < out_row; at += kVec) {  // in order: y and dy stream from memory
+          const V8 d = where_inside(load(y + o + at), load(dy + o + at));
+          store(dz + at, d);
+          add_to(tap_sums + 9 * C + at % C, d);
+        }
+        const float* in_rows[3];
+        for (int i = 0; i < 3; ++i) {
+          const int h = ho * s + i - g.pad_top;
+          in_rows[i] = h < 0 || h >= g.H ? nullptr : rows(h);
+        }
+        for (int c = 0; c < C; c += kVec) {
+          V8 t[9] = {};
+          for (int wo = 0; wo < g.Wo; ++wo) {
+            const V8 d = load(dz + static_cast<size_t>(wo) * C + c);
+            for (int i = 0; i < 3; ++i) {
+              if (!in_rows[i]) continue;
+              for (int j = 0; j < 3; ++j) {
+                const int ww = wo * s - g.pad_left + j;
+                if (ww >= 0 && ww < g.W) t[i * 3 + j] += d * load(in_rows[i] + static_cast<size_t>(ww) * C + c);
+              }
             }
           }
+          for (int k = 0; k < 9; ++k) add_to(tap_sums + k * C + c, t[k]);
         }
-        for (int k = 0; k < 9; ++k) add_to(sums.data() + k * C + c, t[k]);
-        add_to(sums.data() + 9 * C + c, bias_sum);
+        // Input rows h whose last covering output row, (h + pad_top) / s, is this one (or all, at the end).
+        const int due = ho == g.Ho - 1 ? g.H - 1 : std::min(g.H - 1, ho * s - g.pad_top + s - 1);
+        for (; next_h <= due; ++next_h) {
+          const int h = next_h;
+          const float* dz_rows[3];  // the ring rows of the outputs whose window row i covers row h
+          for (int i = 0; i < 3; ++i) {
+            const int th = h + g.pad_top - i;
+            const bool hit = th >= 0 && th % s == 0 && th / s < g.Ho;
+            dz_rows[i] = hit ? ring.data() + ((th / s) % 3) * out_row : nullptr;
+          }
+          // relu6 passes gradients where its output a(x) is strictly inside (0, 6).
+          const float* const held = rows.held(h);
+          const float* const xr = held ? held : image + h * in_row;
+          float* const dxr = dx + (static_cast<size_t>(n) * g.H + h) * in_row;
+          for (int c = 0; c < C; c += kVec) {
+            V8 t[9];
+            for (int k = 0; k < 9; ++k) t[k] = load(w + k * C + c);
+            const V8 in_b = g.act_in && !held ? load(ib + c) : V8{};  // a(x) is already shifted
+            V8 sum = {};
+            for (int ww = 0; ww < g.W; ++ww) {
+              V8 acc = {};
+              for (int j = 0; j < 3; ++j) {
+                const int tw = ww + g.pad_left - j;
+                if (tw < 0 || tw % s || tw / s >= g.Wo) continue;
+                const size_t at = static_cast<size_t>(tw / s) * C + c;
+                for (int i = 0; i < 3; ++i) {
+                  if (dz_rows[i]) acc += load(dz_rows[i] + at) * t[i * 3 + j];
+                }
+              }
+              const size_t at = static_cast<size_t>(ww) * C + c;
+              if (g.act_in) {
+                acc = where_inside(load(xr + at) + in_b, acc);
+                sum += acc;
+              }
+              store(dxr + at, acc);
+            }
+            if (g.act_in) add_to(tap_sums + 10 * C + c, sum);
+          }
+        }
       }
     }
     std::lock_guard<std::mutex> hold(lock);
     for (int k = 0; k < 9 * C; ++k) dw[k] += sums[k];
-    for (int c = 0; c < C; ++c) db[c] += sums[9 * C + c];
-  });
-  parallel_for(g.B * g.H, [&](int begin, int end) {
-    std::vector<float> in_bias_sum(C, 0.0f);
-    for (int row = begin; row < end; ++row) {
-      const int n = row / g.H, h = row % g.H;
-      const float* dz_rows[3];  // the output rows whose window row i covers this input row
-      for (int i = 0; i < 3; ++i) {
-        const int th = h + g.pad_top - i;
-        const bool hit = th >= 0 && th % s == 0 && th / s < g.Ho;
-        dz_rows[i] = hit ? dz_all + ((static_cast<size_t>(n) * g.Ho + th / s) * g.Wo) * C : nullptr;
-      }
-      for (int c = 0; c < C; c += kVec) {
-        V8 t[9];
-        for (int k = 0; k < 9; ++k) t[k] = load(w + k * C + c);
-        const V8 in_b = g.act_in ? load(ib + c) : V8{};
-        V8 sum = {};
-        for (int ww = 0; ww < g.W; ++ww) {
-          V8 acc = {};
-          for (int j = 0; j < 3; ++j) {
-            const int tw = ww + g.pad_left - j;
-            if (tw < 0 || tw % s || tw / s >= g.Wo) continue;
-            const size_t at = static_cast<size_t>(tw / s) * C + c;
-            for (int i = 0; i < 3; ++i) {
-              if (dz_rows[i]) acc += load(dz_rows[i] + at) * t[i * 3 + j];
-            }
-          }
-          const size_t at = (static_cast<size_t>(row) * g.W + ww) * C + c;
-          if (g.act_in) {
-            acc = where_inside(load(x + at) + in_b, acc);
-            sum += acc;
-          }
-          store(dx + at, acc);
-        }
-        if (g.act_in) add_to(in_bias_sum.data() + c, sum);
-      }
-    }
-    std::lock_guard<std::mutex> hold(lock);
-    for (int c = 0; c < C; ++c) dib[c] += in_bias_sum[c];
+    for (int c = 0; c < C; ++c) db[c] += sums[9 * C + c], dib[c] += sums[10 * C + c];
   });
 }
 
@@ -401,7 +440,7 @@ void block_forward(const BlockGeometry& bg, const float* x, const float* taps, c
         held_n = n, held_lo = lo, held_hi = hi;
         band = ex.data();
       }
-      depthwise_rows(g, band, lo, ho0, ho1, taps, bd, nullptr, dw.data());
+      depthwise_rows(g, [band, lo, ex_row](int h) { return band + (h - lo) * ex_row; }, ho0, ho1, taps, bd, dw.data());
       const size_t at = (static_cast<size_t>(n) * g.Ho + ho0) * g.Wo;
       const int pixels = (ho1 - ho0) * g.Wo;
       if (bg.residual) {
@@ -416,27 +455,53 @@ void block_forward(const BlockGeometry& bg, const float* x, const float* taps, c
 
 // ---- 1x1 convolution + bias + relu6 over many pixels (the final 1280-channel convolution) ----
 
-// relu6(x @ w^T + b) for M pixels, w [N][K]: blocks of rows split across threads, each block small
-// enough that its rows stay in L2 while every column panel passes over them.
-void pointwise_relu6_forward(int M, int N, int K, const float* x, const float* w, const float* b, float* y) {
+// y = relu6(x @ w^T + b) for M pixels, w [N][K]: blocks of rows split across threads, each block
+// small enough that its rows stay in L2 while every column panel passes over them. With pooled
+// (P pixels per image), also the mean of y over each image's pixels, summed as each block is
+// written (per thread, then added under a lock).
+void pointwise_relu6_forward(int M, int N, int K, int P, const float* x, const float* w, const float* b, float* y,
+                             float* pooled) {
   constexpr int kBlock = 16 * kRows;
   const std::vector<float> wt = pack(w, N, K);
+  const int images = M / P;
+  std::mutex lock;
+  if (pooled) std::fill(pooled, pooled + static_cast<size_t>(images) * N, 0.0f);
   parallel_for((M + kBlock - 1) / kBlock, [&](int begin, int end) {
+    std::vector<float> sums(pooled ? static_cast<size_t>(images) * N : 0, 0.0f);
     for (int block = begin; block < end; ++block) {
-      const int i = block * kBlock;
-      gemm<Epilogue::kRelu6>(std::min(kBlock, M - i), N, K, x + static_cast<size_t>(i) * K, wt.data(), b,
-                             y + static_cast<size_t>(i) * N, nullptr);
+      const int i = block * kBlock, rows = std::min(kBlock, M - i);
+      float* out = y + static_cast<size_t>(i) * N;
+      gemm<Epilogue::kRelu6>(rows, N, K, x + static_cast<size_t>(i) * K, wt.data(), b, out, nullptr);
+      for (int r = 0; pooled && r < rows; ++r) {
+        float* sum = sums.data() + static_cast<size_t>((i + r) / P) * N;
+        for (int c = 0; c < N; c += kVec) add_to(sum + c, load(out + static_cast<size_t>(r) * N + c));
+      }
     }
+    if (!pooled) return;
+    std::lock_guard<std::mutex> hold(lock);
+    for (size_t k = 0; k < sums.size(); ++k) pooled[k] += sums[k] / P;
   });
 }
 
-// dy where 0 < y < 6, else 0 (relu6's gradient given its output), n a multiple of 8.
-void relu6_grad(size_t n, const float* y, const float* dy, float* out) {
-  const int chunks = static_cast<int>(n / kVec);
-  parallel_for(chunks, [&](int begin, int end) {
-    for (size_t i = static_cast<size_t>(begin) * kVec; i < static_cast<size_t>(end) * kVec; i += kVec) {
-      store(out + i, where_inside(load(y + i), load(dy + i)));
+// relu6's gradient given its output y [M, N]: dz = g where 0 < y < 6, else 0, with g's row
+// r / P (and a factor 1 / P: the gradient of a mean over P pixels) serving pixel row r; db is
+// the sum of dz over rows.
+void relu6_grad(int M, int N, int P, const float* y, const float* g, float* dz, float* db) {
+  std::mutex lock;
+  std::fill(db, db + N, 0.0f);
+  parallel_for(M, [&](int begin, int end) {
+    std::vector<float> sum(N, 0.0f);
+    for (int r = begin; r < end; ++r) {
+      const float* gr = g + static_cast<size_t>(r / P) * N;
+      for (int c = 0; c < N; c += kVec) {
+        const size_t at = static_cast<size_t>(r) * N + c;
+        const V8 d = where_inside(load(y + at), load(gr + c) * (1.0f / P));
+        store(dz + at, d);
+        add_to(sum.data() + c, d);
+      }
     }
+    std::lock_guard<std::mutex> hold(lock);
+    for (int c = 0; c < N; ++c) db[c] += sum[c];
   });
 }
 
@@ -481,7 +546,7 @@ struct Params {
   bool operator==(const Params& o) const { return stride == o.stride && pads == o.pads && act_in == o.act_in; }
 };
 
-// What both primitives share: the parameters, CPU-only evaluation, deduplication by parameters.
+// What every primitive here shares: the parameters, CPU-only evaluation, deduplication by parameters.
 class KernelPrimitive : public mx::Primitive {
  public:
   KernelPrimitive(mx::Stream s, Params p) : Primitive(s), p_(std::move(p)) {}
@@ -692,64 +757,76 @@ mx::array inverted_residual(const mx::array& x, const mx::array& taps, const mx:
   return mx::array({g.dw.B, g.dw.Ho, g.dw.Wo, g.Cout}, mx::float32, std::make_shared<InvertedResidual>(s, p), inputs);
 }
 
-// inputs: y, dy; output: dy where 0 < y < 6.
+// inputs: y [..., N], g (y's rows, or one row per P of them); outputs: dz (like y), db [N] (relu6_grad).
 class Relu6Grad : public KernelPrimitive {
  public:
   using KernelPrimitive::KernelPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    run(in, out, in[0].size(), [](size_t n, const std::vector<float*>& d) { relu6_grad(n, d[0], d[1], d[2]); });
+    const int N = in[0].shape(-1), M = static_cast<int>(in[0].size() / N), P = static_cast<int>(in[0].size() / in[1].size());
+    run(in, out, std::array<int, 3>{M, N, P}, [](std::array<int, 3> g, const std::vector<float*>& d) {
+      relu6_grad(g[0], g[1], g[2], d[0], d[1], d[2], d[3]);
+    });
   }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
   const char* name() const override { return "WatchtrainRelu6Grad"; }
 };
 
-// inputs: x [..., K], weight [N, K], bias [N]; output: relu6(x @ weight^T + bias) [..., N].
+// inputs: x [..., K], weight [N, K], bias [N]; output: y = relu6(x @ weight^T + bias) [..., N], or with
+// Params::act_in (here: pool) the mean of y over each image's pixels [B, N] and y itself.
 class PointwiseRelu6 : public KernelPrimitive {
  public:
   using KernelPrimitive::KernelPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const int N = in[1].shape(0), K = in[1].shape(1), M = static_cast<int>(in[0].size() / K);
-    run(in, out, std::array<int, 3>{M, N, K}, [](std::array<int, 3> g, const std::vector<float*>& d) {
-      pointwise_relu6_forward(g[0], g[1], g[2], d[0], d[1], d[2], d[3]);
+    const int P = pool() ? in[0].shape(1) * in[0].shape(2) : 1;
+    run(in, out, std::array<int, 4>{M, N, K, P}, [pool = pool()](std::array<int, 4> g, const std::vector<float*>& d) {
+      pointwise_relu6_forward(g[0], g[1], g[2], g[3], d[0], d[1], d[2], pool ? d[4] : d[3], pool ? d[3] : nullptr);
     });
   }
-  // relu6's mask natively, then the two GEMMs of the gradient through MLX's matmul (the BLAS).
+  // relu6's mask (and the mean's spread) natively, then the GEMMs of the gradient through MLX's
+  // matmul (the BLAS).
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
     auto s = stream();
     const mx::array& x = primals[0];
+    const mx::array& y = outputs[pool() ? 1 : 0];
     const int N = primals[1].shape(0), K = primals[1].shape(1);
-    auto dz = mx::array(outputs[0].shape(), mx::float32, std::make_shared<Relu6Grad>(s, p_),
-                        {outputs[0], mx::contiguous(cotangents[0], false, s)});
-    auto dz2 = mx::reshape(dz, {-1, N}, s);
+    auto grads = mx::array::make_arrays({y.shape(), {N}}, {mx::float32, mx::float32}, std::make_shared<Relu6Grad>(s, p_),
+                                        {y, mx::contiguous(cotangents[0], false, s)});
+    auto dz = mx::reshape(grads[0], {-1, N}, s);
     std::vector<mx::array> picked;
     for (int arg : argnums) {
-      if (arg == 0) picked.push_back(mx::reshape(mx::matmul(dz2, primals[1], s), x.shape(), s));
-      if (arg == 1) picked.push_back(mx::matmul(mx::transpose(dz2, s), mx::reshape(x, {-1, K}, s), s));
-      if (arg == 2) picked.push_back(mx::sum(dz2, 0, false, s));
+      if (arg == 0) picked.push_back(mx::reshape(mx::matmul(dz, primals[1], s), x.shape(), s));
+      if (arg == 1) picked.push_back(mx::matmul(mx::transpose(dz, s), mx::reshape(x, {-1, K}, s), s));
+      if (arg == 2) picked.push_back(grads[1]);
     }
     return picked;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     auto shape = in[0].shape();
     shape.back() = in[1].shape(0);
-    return {shape};
+    if (!pool()) return {shape};
+    return {{shape[0], shape[3]}, shape};
   }
   const char* name() const override { return "WatchtrainPointwiseRelu6"; }
+
+ private:
+  bool pool() const { return p_.act_in; }
 };
 
-// relu6(x @ weight^T + bias) over the last axis; weight [N, K] with N a multiple of 8.
-mx::array pointwise_relu6(const mx::array& x, const mx::array& weight, const mx::array& bias) {
+// relu6(x @ weight^T + bias) over the last axis; weight [N, K] with N a multiple of 8. With pool,
+// x is [B, H, W, K] and the result its mean over H and W, [B, N].
+mx::array pointwise_relu6(const mx::array& x, const mx::array& weight, const mx::array& bias, bool pool) {
   if (x.ndim() < 1 || weight.ndim() != 2 || x.shape(-1) != weight.shape(1) ||
-      bias.shape() != mx::Shape{weight.shape(0)} || weight.shape(0) % kVec) {
-    throw std::invalid_argument("pointwise_relu6: expected x [..., K], weight [N, K], bias [N], N a multiple of 8");
+      bias.shape() != mx::Shape{weight.shape(0)} || weight.shape(0) % kVec || (pool && x.ndim() != 4)) {
+    throw std::invalid_argument(
+        "pointwise_relu6: expected x [..., K] ([B, H, W, K] to pool), weight [N, K], bias [N], N a multiple of 8");
   }
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs;
   for (const auto& a : {x, weight, bias}) inputs.push_back(mx::contiguous(mx::astype(a, mx::float32, s), false, s));
-  auto shape = x.shape();
-  shape.back() = weight.shape(0);
-  return mx::array(shape, mx::float32, std::make_shared<PointwiseRelu6>(s, Params{1, {}, false}), inputs);
+  auto primitive = std::make_shared<PointwiseRelu6>(s, Params{1, {}, pool});
+  auto shapes = primitive->output_shapes(inputs);
+  return mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32), primitive, inputs)[0];
 }
 
 }  // namespace
@@ -769,7 +846,8 @@ NB_MODULE(_watchtrain_native, m) {
         "(without expand: x), relu6(depthwise 3x3 + bias), @ project^T + project_bias, + x when\n"
         "stride is 1 and the channels match; pads = (top, bottom, left, right)");
   m.def("pointwise_relu6", &pointwise_relu6, nb::arg("x"), nb::arg("weight"), nb::arg("bias"),
+        nb::arg("pool") = false,
         "relu6(x @ weight^T + bias) over the last axis (a 1x1 convolution of NHWC x, weight [out, in]),\n"
-        "differentiable");
+        "with pool its mean over each image's pixels; differentiable");
   m.def("threads", &n_threads, "worker threads the kernel splits rows over");
 }
