@@ -5,8 +5,9 @@ inverted residual blocks, ``features[18]`` the final 1x1 convolution, then globa
 average pooling and a linear classifier. Tensors are NHWC.
 
 1x1 convolutions are GEMMs with the bias inside (``mx.addmm``). On MLX's CPU backend the
-stem and the depthwise 3x3 convolutions run watchtrain's kernels (``service/native.py``),
-and in inference (``eval()``) mode each inverted residual block runs as one fused kernel;
+stem, the depthwise 3x3 convolutions and the final 1x1 convolution (with the pooling) run
+watchtrain's kernels (``service/native.py``), and in inference (``eval()``) mode each
+inverted residual block runs as one fused kernel;
 elsewhere the stem is ``mx.conv2d`` and a depthwise convolution nine shifted
 multiply-adds (MLX's grouped ``conv2d`` is slow on the CPU). All are exact; all but the
 native stem (never trained) are differentiable.
