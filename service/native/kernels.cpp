@@ -64,6 +64,19 @@ void parallel_for(int n, F body) {
   for (auto& f : done) f.get();
 }
 
+// parallel_for where each thread's part also sums into its own zeroed buffer of `size` floats:
+// body(begin, end, sums); then fold(sums) adds a part's sums into the result, one part at a time.
+template <class Body, class Fold>
+void parallel_sums(int n, size_t size, Body body, Fold fold) {
+  std::mutex lock;
+  parallel_for(n, [&](int begin, int end) {
+    std::vector<float> sums(size, 0.0f);
+    body(begin, end, sums.data());
+    std::lock_guard<std::mutex> hold(lock);
+    fold(sums.data());
+  });
+}
+
 // ---- Eight channels at a time (GCC vector extensions: AVX-512/AVX2 on x86, NEON on ARM) ----
 // Every channel count must be a multiple of 8, as all of MobileNetV2's are; the entry points check.
 
@@ -107,7 +120,7 @@ Geometry geometry(const mx::array& x, int stride, const std::vector<int>& pads, 
 // at input row h of the image. Per eight channels the nine taps stay in registers (one load per
 // multiply-add); only the edge columns check bounds.
 template <class Rows>
-void depthwise_rows(const Geometry& g, Rows row, int ho0, int ho1, const float* taps, const float* bias,
+void depthwise_rows(const Geometry& g, Rows&& row, int ho0, int ho1, const float* taps, const float* bias,
                     float* out) {
   const int C = g.C, s = g.stride;
   // Output columns whose three input columns are all inside the image.
@@ -124,14 +137,13 @@ void depthwise_rows(const Geometry& g, Rows row, int ho0, int ho1, const float* 
       V8 t[9];
       for (int k = 0; k < 9; ++k) t[k] = load(taps + k * C + c);
       const V8 b = load(bias + c);
-      auto a = [](const float* p) { return load(p); };
       auto edge = [&](int wo) {
         V8 acc = b;
         for (int i = 0; i < 3; ++i) {
           if (!rows[i]) continue;
           for (int j = 0; j < 3; ++j) {
             const int w = wo * s - g.pad_left + j;
-            if (w >= 0 && w < g.W) acc += a(rows[i] + static_cast<size_t>(w) * C + c) * t[i * 3 + j];
+            if (w >= 0 && w < g.W) acc += load(rows[i] + static_cast<size_t>(w) * C + c) * t[i * 3 + j];
           }
         }
         store(o + static_cast<size_t>(wo) * C + c, relu6(acc));
@@ -143,7 +155,7 @@ void depthwise_rows(const Geometry& g, Rows row, int ho0, int ho1, const float* 
         for (int i = 0; i < 3; ++i) {
           if (!rows[i]) continue;
           const float* in = rows[i] + at;
-          acc += a(in) * t[i * 3] + a(in + C) * t[i * 3 + 1] + a(in + 2 * C) * t[i * 3 + 2];
+          acc += load(in) * t[i * 3] + load(in + C) * t[i * 3 + 1] + load(in + 2 * C) * t[i * 3 + 2];
         }
         store(o + static_cast<size_t>(wo) * C + c, relu6(acc));
       }
@@ -205,14 +217,12 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
               const float* dy, float* dx, float* dw, float* db, float* dib) {
   const int C = g.C, s = g.stride;
   const size_t in_row = static_cast<size_t>(g.W) * C, out_row = static_cast<size_t>(g.Wo) * C;
-  std::mutex lock;
   std::fill(dw, dw + 9 * C, 0.0f);
   std::fill(db, db + C, 0.0f);
   std::fill(dib, dib + C, 0.0f);
-  parallel_for(g.B, [&](int first, int last) {
-    // sums: 9 taps, the bias, the input bias; ring: dz of the last three output rows.
-    std::vector<float> sums(11 * C, 0.0f), ring(3 * out_row);
-    float* const tap_sums = sums.data();
+  // Per thread, tap_sums holds the gradients of the 9 taps, the bias and the input bias.
+  parallel_sums(g.B, 11 * C, [&](int first, int last, float* const tap_sums) {
+    std::vector<float> ring(3 * out_row);  // dz of the last three output rows
     InputRows rows(g, ib);
     for (int n = first; n < last; ++n) {
       const float* const image = x + static_cast<size_t>(n) * g.H * in_row;
@@ -286,7 +296,7 @@ void backward(const Geometry& g, const float* x, const float* w, const float* ib
         }
       }
     }
-    std::lock_guard<std::mutex> hold(lock);
+  }, [&](const float* sums) {
     for (int k = 0; k < 9 * C; ++k) dw[k] += sums[k];
     for (int c = 0; c < C; ++c) db[c] += sums[9 * C + c], dib[c] += sums[10 * C + c];
   });
@@ -457,29 +467,26 @@ void block_forward(const BlockGeometry& bg, const float* x, const float* taps, c
 
 // y = relu6(x @ w^T + b) for M pixels, w [N][K]: blocks of rows split across threads, each block
 // small enough that its rows stay in L2 while every column panel passes over them. With pooled
-// (P pixels per image), also the mean of y over each image's pixels, summed as each block is
-// written (per thread, then added under a lock).
+// (P pixels per image), also the mean of y over each image's pixels, summed per thread as each
+// block is written.
 void pointwise_relu6_forward(int M, int N, int K, int P, const float* x, const float* w, const float* b, float* y,
                              float* pooled) {
   constexpr int kBlock = 16 * kRows;
   const std::vector<float> wt = pack(w, N, K);
-  const int images = M / P;
-  std::mutex lock;
-  if (pooled) std::fill(pooled, pooled + static_cast<size_t>(images) * N, 0.0f);
-  parallel_for((M + kBlock - 1) / kBlock, [&](int begin, int end) {
-    std::vector<float> sums(pooled ? static_cast<size_t>(images) * N : 0, 0.0f);
+  const size_t pooled_size = pooled ? static_cast<size_t>(M / P) * N : 0;
+  std::fill(pooled, pooled + pooled_size, 0.0f);
+  parallel_sums((M + kBlock - 1) / kBlock, pooled_size, [&](int begin, int end, float* sums) {
     for (int block = begin; block < end; ++block) {
       const int i = block * kBlock, rows = std::min(kBlock, M - i);
       float* out = y + static_cast<size_t>(i) * N;
       gemm<Epilogue::kRelu6>(rows, N, K, x + static_cast<size_t>(i) * K, wt.data(), b, out, nullptr);
       for (int r = 0; pooled && r < rows; ++r) {
-        float* sum = sums.data() + static_cast<size_t>((i + r) / P) * N;
+        float* sum = sums + static_cast<size_t>((i + r) / P) * N;
         for (int c = 0; c < N; c += kVec) add_to(sum + c, load(out + static_cast<size_t>(r) * N + c));
       }
     }
-    if (!pooled) return;
-    std::lock_guard<std::mutex> hold(lock);
-    for (size_t k = 0; k < sums.size(); ++k) pooled[k] += sums[k] / P;
+  }, [&](const float* sums) {
+    for (size_t k = 0; k < pooled_size; ++k) pooled[k] += sums[k] / P;
   });
 }
 
@@ -487,20 +494,18 @@ void pointwise_relu6_forward(int M, int N, int K, int P, const float* x, const f
 // r / P (and a factor 1 / P: the gradient of a mean over P pixels) serving pixel row r; db is
 // the sum of dz over rows.
 void relu6_grad(int M, int N, int P, const float* y, const float* g, float* dz, float* db) {
-  std::mutex lock;
   std::fill(db, db + N, 0.0f);
-  parallel_for(M, [&](int begin, int end) {
-    std::vector<float> sum(N, 0.0f);
+  parallel_sums(M, N, [&](int begin, int end, float* sum) {
     for (int r = begin; r < end; ++r) {
       const float* gr = g + static_cast<size_t>(r / P) * N;
       for (int c = 0; c < N; c += kVec) {
         const size_t at = static_cast<size_t>(r) * N + c;
         const V8 d = where_inside(load(y + at), load(gr + c) * (1.0f / P));
         store(dz + at, d);
-        add_to(sum.data() + c, d);
+        add_to(sum + c, d);
       }
     }
-    std::lock_guard<std::mutex> hold(lock);
+  }, [&](const float* sum) {
     for (int c = 0; c < N; ++c) db[c] += sum[c];
   });
 }
@@ -536,6 +541,13 @@ void stem_forward(const Geometry& g, int cout, const float* x, const float* w, c
 
 void allocate(std::vector<mx::array>& outputs) {
   for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+// The gradients a vjp was asked for, from all of them.
+std::vector<mx::array> pick(const std::vector<mx::array>& grads, const std::vector<int>& argnums) {
+  std::vector<mx::array> picked;
+  for (int arg : argnums) picked.push_back(grads[arg]);
+  return picked;
 }
 
 // Parameters shared by the forward and gradient primitives (compared for graph deduplication).
@@ -614,12 +626,10 @@ class Depthwise : public KernelPrimitive {
     auto grads = mx::array::make_arrays(
         shapes, {mx::float32, mx::float32, mx::float32, mx::float32}, std::make_shared<DepthwiseGrad>(stream(), p_),
         {primals[0], primals[1], primals[3], outputs[0], mx::contiguous(cotangents[0], false, stream())});
-    std::vector<mx::array> picked;
-    for (int arg : argnums) picked.push_back(grads[arg]);
-    return picked;
+    return pick(grads, argnums);
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
-    auto g = geometry(in[0], p_.stride, p_.pads, p_.act_in);
+    auto g = own_geometry(in);
     return {{g.B, g.Ho, g.Wo, g.C}};
   }
   const char* name() const override { return "WatchtrainDepthwise3x3"; }
@@ -639,7 +649,7 @@ class Stem : public KernelPrimitive {
     throw std::runtime_error("stem3x3_relu6 has no gradient: watchtrain keeps the stem frozen");
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
-    auto g = geometry(in[0], p_.stride, p_.pads, false);
+    auto g = own_geometry(in);
     return {{g.B, g.Ho, g.Wo, in[1].shape(0)}};
   }
   const char* name() const override { return "WatchtrainStem3x3"; }
@@ -718,9 +728,7 @@ class InvertedResidual : public KernelPrimitive {
     const Params p = p_;
     auto unfused = [p](const std::vector<mx::array>& in) { return std::vector<mx::array>{inverted_residual_unfused(in, p)}; };
     auto grads = mx::vjp(unfused, primals, cotangents).second;
-    std::vector<mx::array> picked;
-    for (int arg : argnums) picked.push_back(grads[arg]);
-    return picked;
+    return pick(grads, argnums);
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
     auto g = block_geometry(in, p_.stride, p_.pads, p_.act_in);
