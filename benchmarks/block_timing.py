@@ -18,7 +18,8 @@ import service
 import mlx.core as mx
 
 from service import native, weights
-from service.benchmark import decode_all, find_photos
+from service.benchmark import decode_all
+from service.dataset import photos_under
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOTHING = ROOT.parent / "shared" / "datasets" / "clothing-small"
@@ -40,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     service.cpu.use_buffer_cache()
     model, _ = weights.load(args.weights)
-    x = mx.array(np.stack(decode_all(find_photos(args.images, args.batch))).astype(np.float32))
+    x = mx.array(np.stack(decode_all(photos_under(args.images, args.batch))).astype(np.float32))
     inputs = [(x - model._mean) * model._inv_std]
     for layer in model.features:  # each layer's real input
         inputs.append(layer(inputs[-1]))

@@ -154,7 +154,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from service import verify, weights
-    from service.dataset import is_candidate
+    from service.dataset import photos_under
     from service.images import load_rgb
     from service.predict import probabilities_of_pixels
     from service.publish import Publisher
@@ -167,11 +167,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{package} has no watchtrain version in its metadata; pass --weights")
         reference = Publisher(package.parent, package.stem).mlx_weights(version)
     model, _ = weights.load(reference)
-    if not args.images.is_dir():
-        raise FileNotFoundError(f"{args.images}: no such folder")
-    photos = sorted(p for p in args.images.rglob("*") if p.is_file() and is_candidate(p.name))[: args.limit]
-    if not photos:
-        raise FileNotFoundError(f"no photos under {args.images}")
+    photos = photos_under(args.images, args.limit)
     pixels = [load_rgb(p) for p in photos]
     program = verify.load_program(package)
     report = verify.verify(package, probabilities_of_pixels(model, pixels), pixels,

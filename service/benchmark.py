@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from service import native
-from service.dataset import is_candidate
+from service.dataset import photos_under
 from service.embeddings import BATCH_SIZE, DECODE_WORKERS
 from service.finetune import N_FEATURES, Tail
 from service.training import compiled_step
@@ -48,15 +48,6 @@ def matmul_gflops(n: int = 2048, min_seconds: float = 1.0) -> float:
     b = mx.random.normal((n, n))
     mx.eval(a, b)
     return _rate(lambda: mx.eval(a @ b), 2 * n**3, min_seconds) / 1e9
-
-
-def find_photos(folder: Path, limit: int) -> list[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    photos = sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate(p.name))
-    if not photos:
-        raise FileNotFoundError(f"no photos under {folder}")
-    return photos[:limit]
 
 
 def decode_all(paths: list[Path]) -> list[np.ndarray]:
@@ -95,7 +86,7 @@ def run(images: Path, *, photos: int = 64, batch: int = BATCH_SIZE, train_batch:
     """
     service.cpu.use_buffer_cache()
     native.kernel()
-    paths = find_photos(images, photos)
+    paths = photos_under(images, photos)
     start = time.perf_counter()
     pixels = decode_all(paths)
     decode_ips = len(paths) / (time.perf_counter() - start)

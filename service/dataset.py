@@ -64,6 +64,16 @@ def is_relevant(path: Path, root: Path) -> bool:
     return len(rel.parts) <= 1 or path.suffix == "" or is_candidate(path.name)
 
 
+def photos_under(folder: Path, limit: int | None = None) -> list[Path]:
+    """Candidate photos anywhere under ``folder``, sorted, at most ``limit`` (no labels needed)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    photos = sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate(p.name))
+    if not photos:
+        raise FileNotFoundError(f"no photos under {folder}")
+    return photos[:limit]
+
+
 def scan_folder(root: Path) -> list[Photo]:
     """All candidate photos under ``root``, sorted by relative path."""
     root = Path(root)

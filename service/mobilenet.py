@@ -170,6 +170,16 @@ class Depthwise3x3(nn.Module):
         return mx.contiguous(self.weight.reshape(self.weight.shape[0], 9).T)
 
 
+def pointwise_reference(x: mx.array, weight: mx.array, bias: mx.array, relu6: bool = True,
+                        pool: bool = False) -> mx.array:
+    """A 1x1 convolution (weight [out, in]) in pure MLX, then relu6 and, with ``pool``, the mean
+    over H and W. The bias goes into the GEMM and relu6 clips with scalars: a broadcast [C]
+    operand would send MLX's CPU backend down its slow strided elementwise path."""
+    y = mx.addmm(bias, x, weight.T)
+    y = _relu6(y) if relu6 else y
+    return mx.mean(y, axis=(1, 2)) if pool else y
+
+
 class Pointwise(nn.Module):
     """1x1 convolution as a matmul over the channel axis. weight: [out, in]."""
 
@@ -183,17 +193,14 @@ class Pointwise(nn.Module):
         kernel = _cpu_kernel(self.weight.shape[0]) if self.relu6 else None
         if kernel is not None:  # GEMM, bias and relu6 in one multithreaded pass
             return kernel.pointwise_relu6(x, self.weight, self.bias)
-        # The bias goes into the GEMM and relu6 clips with scalars: a broadcast [C] operand
-        # would send MLX's CPU backend down its slow strided elementwise path.
-        y = mx.addmm(self.bias, x, self.weight.T)
-        return _relu6(y) if self.relu6 else y
+        return pointwise_reference(x, self.weight, self.bias, self.relu6)
 
     def pooled(self, x: mx.array) -> mx.array:
         """The output's mean over each image's pixels (NHWC -> [B, C]): global average pooling."""
         kernel = _cpu_kernel(self.weight.shape[0]) if self.relu6 else None
         if kernel is not None:  # pooled as it is computed; its gradient never broadcasts a copy
             return kernel.pointwise_relu6(x, self.weight, self.bias, pool=True)
-        return mx.mean(self(x), axis=(1, 2))
+        return pointwise_reference(x, self.weight, self.bias, self.relu6, pool=True)
 
 
 class InvertedResidual(nn.Module):

@@ -136,7 +136,7 @@ def _self_test(module: ModuleType) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from service.mobilenet import block_reference, depthwise_reference, stem_reference
+    from service.mobilenet import block_reference, depthwise_reference, pointwise_reference, stem_reference
 
     rng = np.random.default_rng(0)
 
@@ -155,7 +155,7 @@ def _self_test(module: ModuleType) -> None:
               (rand(2, 9, 10, 16, low=-1, high=7), rand(9, 16), rand(16), rand(16)))
     for pool in (False, True):
         _same(f"the 1x1 convolution with relu6, pooled {pool}", rng,
-              lambda x, w, b: _pool(mx.clip(x @ w.T + b, 0.0, 6.0), pool),
+              lambda x, w, b: pointwise_reference(x, w, b, pool=pool),
               lambda x, w, b: module.pointwise_relu6(x, w, b, pool),
               (rand(2, 5, 6, 12, low=-1, high=2), rand(16, 12, scale=0.5), rand(16)))
     # Expanding and residual; stride 2 with TensorFlow SAME padding; no expansion (the first block).
@@ -166,12 +166,6 @@ def _self_test(module: ModuleType) -> None:
               lambda *a: module.inverted_residual(*a[:5], stride, [*pads, *pads], *a[5:]),
               (rand(2, 9, 10, cin, low=-1, high=2), rand(9, hidden, scale=0.5), rand(hidden),
                rand(cout, hidden, scale=0.3), rand(cout), *expand))
-
-
-def _pool(y, pool: bool):
-    import mlx.core as mx
-
-    return mx.mean(y, axis=(1, 2)) if pool else y
 
 
 def _same(what: str, rng, reference, kernel, args: tuple, gradients: bool = True) -> None:
